@@ -1,0 +1,99 @@
+"""One LoRA's change to one target layer, normalised once, whatever format it came from.
+
+Every reader (our safetensors parser, the A1111 builtin's `NetworkModule`s, Forge's `load_lora` patch
+dicts) produces `LayerDelta`s; every fusion method consumes them. Nothing here imports a host.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerDelta:
+    """dW for one layer: low rank (`up @ down`, optional CP `mid`) or dense, times `scale`.
+
+    Shapes follow the layer's weight:
+      linear: down [r, in],            up [out, r]
+      conv:   down [r, in, kh, kw],    up [out, r, 1, 1]    (LoCon)
+      conv CP: down [r, in, 1, 1], mid [r, r, kh, kw], up [out, r, 1, 1]
+      dense:  same shape as the layer weight (LoHa, LoKr, DoRA ... built once per generation)
+    `scale` = alpha / rank * user weight (1.0 for dense, which is stored already scaled).
+    `out_slice` = (offset, size): the delta covers only those output channels of a fused layer
+    (FLUX qkv / linear1 in Forge); None = all outputs.
+    """
+
+    down: Optional[torch.Tensor] = None
+    up: Optional[torch.Tensor] = None
+    mid: Optional[torch.Tensor] = None
+    dense: Optional[torch.Tensor] = None
+    scale: float = 1.0
+    out_slice: Optional[Tuple[int, int]] = None
+
+    def __post_init__(self):
+        if self.dense is None and (self.down is None or self.up is None):
+            raise ValueError("LayerDelta needs either dense or both up and down")
+
+    @property
+    def is_low_rank(self) -> bool:
+        return self.dense is None
+
+    @property
+    def is_conv(self) -> bool:
+        w = self.dense if self.dense is not None else self.down
+        return w.dim() == 4
+
+    @property
+    def rank(self) -> int:
+        """LoRA rank r (for dense deltas: the smaller matrix side, an upper bound)."""
+        if self.is_low_rank:
+            return int(self.down.shape[0])
+        w = self.dense.flatten(1)
+        return int(min(w.shape))
+
+    def with_weight(self, weight: float) -> "LayerDelta":
+        """The same delta with its scale multiplied by a user weight."""
+        if self.dense is not None:
+            return replace(self, dense=self.dense * weight)
+        return replace(self, scale=self.scale * weight)
+
+    def to(self, device=None, dtype=None) -> "LayerDelta":
+        def mv(t):
+            return None if t is None else t.to(device=device, dtype=dtype)
+        return replace(self, down=mv(self.down), up=mv(self.up), mid=mv(self.mid), dense=mv(self.dense))
+
+    def dense_weight(self) -> torch.Tensor:
+        """The full dW (scaled), in the layer's weight shape restricted to `out_slice`. For setup, never per call."""
+        if self.dense is not None:
+            return self.dense
+        up = self.up.flatten(1).float()
+        if self.mid is not None:
+            # CP/Tucker: dW[o, i, kh, kw] = sum_{a,b} up[o, a] * mid[a, b, kh, kw] * down[b, i]
+            dw = torch.einsum("oa,abhw,bi->oihw", up, self.mid.float(), self.down.flatten(1).float())
+        elif self.down.dim() == 4:
+            down = self.down.float()
+            dw = (up @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+        else:
+            dw = up @ self.down.float()
+        return (dw * self.scale).to(self.up.dtype)
+
+
+@dataclass
+class FuseTarget:
+    """One layer that at least one of the two LoRAs changes.
+
+    `module` is any module whose output is `W x (+ b)` (nn.Linear, nn.Conv2d, Forge's ops.Linear, which is
+    not an nn.Linear); `name` is the layer name used in records and messages; `group` is "unet" or "te".
+    """
+
+    name: str
+    module: torch.nn.Module
+    subject: Optional[LayerDelta] = None
+    style: Optional[LayerDelta] = None
+    group: str = "unet"
+
+    @property
+    def is_shared(self) -> bool:
+        return self.subject is not None and self.style is not None
