@@ -1,0 +1,382 @@
+"""Host-independent glue between a WebUI and the fusion engine: host -> FuseArgs -> FuseSession -> hooks.
+
+Every host (AUTOMATIC1111 in `a1111.py`, Forge in `forge.py`) implements the small `HostAdapter` protocol
+below; everything else (arguments from UI/API/tag, reading and checking the two LoRAs, pairing their
+layers into `FuseTarget`s, messages, infotext, the heat-map) lives here, once, in `FuseRun`.
+
+One generation (one `p`) owns one `FuseRun`:
+
+    run = FuseRun(host, ui_values)            # Script.process: positional UI values or one dict (API)
+    run.use_tag(tags)                         # ExtraNetwork.activate: `<dynlora:subject:style:k=v>` items
+    host.install(p, run)                      # host: arrange the scopes below around its own TE / UNet calls
+        with run.scope(p, "te"): ...          #   around the conditioning computation (per prompt)
+        with run.scope(p, "unet"): ...        #   around sampling (all passes); hooks removed in `finally`
+        run.set_step(step, total)             #   from the denoiser's own counters, never a call counter
+        run.set_rows(labels)                  #   "cond" / "uncond" per batch row of the next UNet call
+    run.infotext()                            # value of the `DynFuse` infotext entry
+    run.heatmap()                             # PIL image or None
+
+`HostAdapter` (what a host provides; every method is cheap and has no side effect unless it says so):
+    name: str                                  "a1111" / "forge"
+    lora_names() -> list[str]                  names the host's LoRA list offers (for dropdowns and checks)
+    refresh_loras() -> list[str]               rescan the LoRA folders, then `lora_names()`
+    model_base() -> str                        the loaded checkpoint's family: "sd1", "sd2", "sdxl", ... or "unknown"
+    read_lora(name) -> HostLora                read one LoRA with the host's own loader into `LayerDelta`s keyed
+                                               by layer, never activating it in the host; raises `FuseInputError`
+    prompt_lora_names(p) -> list[str]          names of the host's own `<lora:...>` tags active for this batch
+    suppress_builtin(p, names) -> list[str]    stop the host's LoRA support from applying these names (they are
+                                               fused instead); returns the names it actually removed
+    install(p, run) -> None                    per-generation install points (see above); nothing global
+    report(p, message) -> None                 show a message in the UI, the console and the infotext / API info
+    add_image(p, processed, image, infotext)   append an image to the gallery (not saved as a generation)
+
+Nothing here imports a WebUI module or gradio.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+
+import torch
+
+from ..args import ArgsError, FuseArgs
+from ..layer_delta import FuseTarget, LayerDelta
+
+log = logging.getLogger("dynfuse")
+
+GROUPS = ("unet", "te")
+INFOTEXT_KEY = "DynFuse"
+MESSAGE_KEY = "DynFuse message"
+
+
+class FuseInputError(ValueError):
+    """A problem with the LoRAs a user picked (unknown, unreadable, other base model): shown, then no fusion."""
+
+
+@dataclass
+class LoraLayer:
+    """One layer one LoRA changes: the live host module, its group ("unet"/"te") and the delta."""
+
+    module: torch.nn.Module
+    group: str
+    delta: LayerDelta
+
+
+@dataclass
+class HostLora:
+    """A LoRA as read by the host's own loader (not activated in the host)."""
+
+    name: str
+    shorthash: str = ""
+    base: str = "unknown"                 # "sd1", "sd2", "sdxl", ... as the file's metadata says
+    layers: Dict[str, LoraLayer] = field(default_factory=dict)
+    skipped: List[str] = field(default_factory=list)   # layers read but not fusable here (reason in the name)
+
+
+class HostAdapter(Protocol):
+    """What a WebUI provides to `FuseRun` (see the module docstring for the contract of each method)."""
+
+    name: str
+
+    def lora_names(self) -> List[str]: ...
+
+    def refresh_loras(self) -> List[str]: ...
+
+    def model_base(self) -> str: ...
+
+    def read_lora(self, name: str) -> HostLora: ...
+
+    def prompt_lora_names(self, p: Any) -> List[str]: ...
+
+    def suppress_builtin(self, p: Any, names: Sequence[str]) -> List[str]: ...
+
+    def install(self, p: Any, run: "FuseRun") -> None: ...
+
+    def report(self, p: Any, message: str) -> None: ...
+
+    def add_image(self, p: Any, processed: Any, image: Any, infotext: str) -> None: ...
+
+
+# ----------------------------------------------------------------------------- pure helpers
+def parse_ui_values(values: Sequence[Any]) -> FuseArgs:
+    """FuseArgs from the script's positional values (UI / API), or one dict of named fields (API); validated."""
+    return FuseArgs.from_values(list(values)).validate()
+
+
+def tag_args(base: FuseArgs, tags: Sequence[Tuple[Sequence[str], Dict[str, str]]]) -> FuseArgs:
+    """Apply the first `<dynlora:...>` tag (positional items, named items) on top of the UI settings."""
+    positional, named = tags[0]
+    return base.with_tag(list(positional), dict(named)).validate()
+
+
+def check_base(lora: HostLora, model_base: str) -> None:
+    """Refuse a LoRA whose metadata names another model family than the loaded checkpoint."""
+    if lora.base != "unknown" and model_base != "unknown" and lora.base != model_base:
+        raise FuseInputError(f"DynFuse: LoRA {lora.name!r} is for {lora.base.upper()}, "
+                             f"but the loaded model is {model_base.upper()}")
+
+
+def check_shapes(lora: HostLora) -> None:
+    """Refuse a LoRA whose deltas do not fit the layers they matched (a LoRA for another architecture)."""
+    bad = [name for name, layer in lora.layers.items() if not delta_fits(layer.delta, layer.module)]
+    if bad:
+        raise FuseInputError(f"DynFuse: LoRA {lora.name!r} does not fit the loaded model "
+                             f"({len(bad)} of {len(lora.layers)} layers have other shapes, e.g. {bad[0]}); "
+                             "is it for another base model?")
+    if not lora.layers:
+        raise FuseInputError(f"DynFuse: LoRA {lora.name!r} changes no layer of the loaded model")
+
+
+def delta_fits(delta: LayerDelta, module: torch.nn.Module) -> bool:
+    """Does dW have the layer's weight shape (output channels restricted to `out_slice`)?"""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return False
+    out = delta.out_slice[1] if delta.out_slice is not None else weight.shape[0]
+    if delta.dense is not None:
+        return delta.dense.numel() == out * weight[0].numel()
+    return int(delta.up.shape[0]) == out and int(delta.down.shape[1]) == int(weight.shape[1])
+
+
+def pair_targets(subject: HostLora, style: HostLora, subject_weight: float, style_weight: float,
+                 text_encoder: str) -> List[FuseTarget]:
+    """One FuseTarget per layer either LoRA changes, weights applied; text-encoder layers dropped when 'off'."""
+    names = list(subject.layers) + [n for n in style.layers if n not in subject.layers]
+    targets = []
+    for name in names:
+        c, s = subject.layers.get(name), style.layers.get(name)
+        first = c or s
+        if first.group == "te" and text_encoder == "off":
+            continue
+        targets.append(FuseTarget(
+            name=name, module=first.module, group=first.group,
+            subject=c.delta.with_weight(subject_weight) if c is not None else None,
+            style=s.delta.with_weight(style_weight) if s is not None else None))
+    return targets
+
+
+class RowCursor:
+    """Labels the rows of successive UNet calls within one denoiser call (batched or chunked cond/uncond).
+
+    The denoiser's input is [cond rows..., uncond rows] (A1111 sd_samplers_cfg_denoiser.py:203); when the host
+    splits it into several UNet calls it does so in row order, so each call takes the next `n` labels.
+    """
+
+    def __init__(self):
+        self.labels: List[str] = []
+        self.offset = 0
+
+    def reset(self, n_cond: int, n_uncond: int) -> None:
+        self.labels = ["cond"] * n_cond + ["uncond"] * n_uncond
+        self.offset = 0
+
+    def take(self, n: int) -> List[str]:
+        if self.offset + n > len(self.labels):
+            self.offset = 0
+        out = self.labels[self.offset:self.offset + n]
+        self.offset += n
+        return out if len(out) == n else ["cond"] * n
+
+
+# ----------------------------------------------------------------------------- one generation
+class FuseRun:
+    """The fusion state of one generation: effective args, the two LoRAs' targets, sessions, messages."""
+
+    def __init__(self, host: HostAdapter, ui_values: Optional[Sequence[Any]] = None,
+                 ui_args: Optional[FuseArgs] = None):
+        self.host = host
+        self.messages: List[str] = []
+        self.ui_args = FuseArgs()
+        if ui_args is not None:
+            self.ui_args = ui_args
+        elif ui_values is not None:
+            try:
+                self.ui_args = parse_ui_values(ui_values)
+            except ArgsError as e:
+                self.messages.append(str(e))
+        self.args: FuseArgs = self.ui_args
+        self.rows = RowCursor()
+        self.step: Tuple[int, int] = (0, 1)
+        self._loaded: Dict[Tuple, Any] = {}     # (subject, style, weights, te) -> (targets, hashes) or error text
+        self._sessions: List[Any] = []
+        self._active: List[Any] = []
+        self.hashes: Dict[str, str] = {}
+        self.fused_names: Tuple[str, ...] = ()
+        self.suppressed: List[str] = []
+
+    # ------------------------------------------------------------------ arguments
+    @property
+    def enabled(self) -> bool:
+        return bool(self.args.enabled)
+
+    def use_tag(self, tags: Sequence[Tuple[Sequence[str], Dict[str, str]]]) -> None:
+        """Apply `<dynlora:...>` tags of the current batch (empty: back to the UI settings)."""
+        self.args = self.ui_args
+        if not tags:
+            return
+        if len(tags) > 1:
+            self.note("DynFuse: only the first <dynlora:...> tag of a prompt is used")
+        try:
+            self.args = tag_args(self.ui_args, tags)
+        except ArgsError as e:
+            self.note(str(e))
+            self.args = FuseArgs()
+
+    def note(self, message: str) -> None:
+        """Remember a user-facing message once (shown by `report_all`)."""
+        if message not in self.messages:
+            self.messages.append(message)
+
+    def report_all(self, p: Any) -> None:
+        for m in self.messages:
+            self.host.report(p, m)
+
+    # ------------------------------------------------------------------ LoRAs -> targets
+    def _key(self) -> Tuple:
+        a = self.args
+        return (a.subject, a.style, a.subject_weight, a.style_weight, a.text_encoder)
+
+    def prepare(self, p: Any = None) -> Optional[List[FuseTarget]]:
+        """The targets for the current args (read once per generation), or None (disabled or a reported error)."""
+        if not self.enabled:
+            return None
+        key = self._key()
+        if key not in self._loaded:
+            self._loaded[key] = self._load()
+            if isinstance(self._loaded[key], str):
+                self.note(self._loaded[key])
+                log.warning("%s", self._loaded[key])
+                if p is not None:
+                    self.host.report(p, self._loaded[key])
+        got = self._loaded[key]
+        if isinstance(got, str):
+            return None
+        targets, self.hashes = got
+        self.fused_names = (self.args.subject, self.args.style)
+        return targets
+
+    def _load(self):
+        a = self.args
+        try:
+            if a.subject == a.style:
+                raise FuseInputError(f"DynFuse: subject and style are the same LoRA ({a.subject!r}); "
+                                     "use it with <lora:...> instead")
+            known = set(self.host.lora_names())
+            for role, name in (("subject", a.subject), ("style", a.style)):
+                if name not in known:
+                    raise FuseInputError(f"DynFuse: unknown {role} LoRA {name!r} (not in the LoRA list; "
+                                         "refresh the list or check the name)")
+            base = self.host.model_base()
+            loras = []
+            for name in (a.subject, a.style):
+                try:
+                    lora = self.host.read_lora(name)
+                except FuseInputError:
+                    raise
+                except Exception as e:  # the host's loader failed on this file
+                    raise FuseInputError(f"DynFuse: could not read LoRA {name!r}: {type(e).__name__}: {e}") from e
+                check_base(lora, base)
+                check_shapes(lora)
+                loras.append(lora)
+            subject, style = loras
+            for lora in loras:
+                if lora.skipped:
+                    self.note(f"DynFuse: {len(lora.skipped)} layer(s) of {lora.name!r} cannot be fused on this "
+                              f"host and are left out (e.g. {lora.skipped[0]})")
+            targets = pair_targets(subject, style, a.subject_weight, a.style_weight, a.text_encoder)
+            return targets, {"subject": subject.shorthash, "style": style.shorthash}
+        except FuseInputError as e:
+            return f"{e} - the image was generated without fusion"
+
+    def exclude_duplicates(self, p: Any) -> None:
+        """A `<lora:x>` of a fused LoRA would apply it twice: keep it out of the host's own LoRA support."""
+        if not self.enabled or not self.fused_names:
+            return
+        dup = [n for n in self.host.prompt_lora_names(p) if n in self.fused_names]
+        if not dup:
+            return
+        removed = self.host.suppress_builtin(p, dup)
+        for name in removed:
+            if name not in self.suppressed:
+                self.suppressed.append(name)
+                msg = (f"DynFuse: <lora:{name}> is also fused by DynFuse; it is applied once, "
+                       "through the fusion (the <lora> tag is ignored)")
+                self.note(msg)
+                log.warning("%s", msg)
+                self.host.report(p, msg)
+
+    # ------------------------------------------------------------------ hooks
+    @contextlib.contextmanager
+    def scope(self, p: Any, group: str) -> Iterator[Optional[Any]]:
+        """Hooks on the layers of `group` for the duration of the block; removed whatever happens."""
+        targets = self.prepare(p)
+        if not targets:
+            yield None
+            return
+        self.exclude_duplicates(p)
+        chosen = [t for t in targets if t.group == group]
+        if not chosen:
+            yield None
+            return
+        from ..session import FuseSession  # the engine; imported here so hosts load without it
+        a = self.args
+        session = FuseSession(chosen, method=a.method, criterion=a.criterion, klora_alpha=a.klora_alpha,
+                              klora_beta=a.klora_beta, klora_scale=a.klora_scale, record=(group == "unet"),
+                              te_mode=a.text_encoder)
+        if group == "te":
+            session.set_step(0, 1)
+        else:
+            session.set_step(*self.step)
+        self._active.append(session)
+        try:
+            with session:
+                yield session
+        finally:
+            self._active.remove(session)
+            if group == "unet":
+                self._sessions.append(session)
+
+    def set_step(self, step: int, total: int) -> None:
+        """Denoising progress from the host's own counters (0-based call index, expected number of calls)."""
+        total = max(int(total or 1), 1)
+        self.step = (min(int(step), total - 1), total)
+        for s in self._active:
+            s.set_step(*self.step)
+
+    def set_rows(self, labels: Sequence[str]) -> None:
+        for s in self._active:
+            s.set_row_labels(list(labels))
+
+    # ------------------------------------------------------------------ outputs
+    def infotext(self) -> Optional[str]:
+        """The `DynFuse` infotext value (with both LoRAs' short hashes), or None when not fusing."""
+        if not self.enabled or not self.fused_names or self._loaded.get(self._key()) is None \
+                or isinstance(self._loaded.get(self._key()), str):
+            return None
+        return self.args.infotext({k: v for k, v in self.hashes.items() if v})
+
+    def heatmap(self):
+        """The selection heat-map of the last sampling scope, when asked for and recorded."""
+        if not self.enabled or not self.args.heatmap:
+            return None
+        for session in reversed(self._sessions):
+            try:
+                return session.heatmap()
+            except Exception as e:  # nothing recorded (e.g. interrupted before the first step)
+                log.info("DynFuse: no heat-map: %s", e)
+                return None
+        return None
+
+
+def infotext_field_value(params: Dict[str, Any], name: str) -> Any:
+    """For paste: the value of FuseArgs field `name` from parsed infotext params; None leaves a control alone."""
+    text = params.get(INFOTEXT_KEY)
+    if not text:
+        return False if name == "enabled" else None
+    try:
+        args = FuseArgs.from_infotext(text)
+    except ArgsError:
+        return None
+    return getattr(args, name)
