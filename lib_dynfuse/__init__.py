@@ -1,5 +1,7 @@
 """sd-webui-dynfuse: training-free fusion of a subject LoRA and a style LoRA (engine, no WebUI imports)."""
 from .args import FuseArgs, ArgsError  # noqa: F401
 from .layer_delta import LayerDelta, FuseTarget  # noqa: F401
+from .lora_file import load_lora, LoraFile, LayerKey, LoraFormatError  # noqa: F401
+from .targets import resolve_targets, LoraMatchError, LoraShapeError, ResolveResult  # noqa: F401
 
 __version__ = "0.1.0"
