@@ -115,13 +115,24 @@ class FuseArgs:
 
     @classmethod
     def from_values(cls, values: Sequence[Any]) -> "FuseArgs":
-        """From the host's positional script args (UI order), or one dict of named fields (API)."""
-        if len(values) == 1 and isinstance(values[0], dict):
-            return cls.from_dict(values[0])
+        """From the host's positional script args (UI order), or one dict of named fields (API).
+
+        The host fills the script's arg slots the request leaves out with the UI defaults (api.py:335-361), so a
+        dict arrives first, followed by those defaults: the dict wins, the rest fill in. A dict without
+        "enabled" turns fusion on (sending the settings is asking for fusion). `None` means "not given".
+        """
         names = cls.field_names()
+        values = list(values)
+        named: Dict[str, Any] = {}
+        if values and isinstance(values[0], dict):
+            named = dict(values[0])
+            named.setdefault("enabled", True)
+            values = [None] + values[1:]
         if len(values) > len(names):
             raise ArgsError(f"DynFuse: expected at most {len(names)} values ({', '.join(names)}), got {len(values)}")
-        return cls.from_dict(dict(zip(names, values)))
+        data = {k: v for k, v in zip(names, values) if v is not None}
+        data.update(named)
+        return cls.from_dict(data)
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "FuseArgs":

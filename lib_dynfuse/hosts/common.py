@@ -49,6 +49,8 @@ log = logging.getLogger("dynfuse")
 GROUPS = ("unet", "te")
 INFOTEXT_KEY = "DynFuse"
 MESSAGE_KEY = "DynFuse message"
+RUN_ATTR = "dynfuse_run"        # the FuseRun of a generation, kept on its `p`
+TAG_NAME = "dynlora"            # <dynlora:subject:style[:key=value...]>
 
 
 class FuseInputError(ValueError):
@@ -205,33 +207,42 @@ class FuseRun:
         self.hashes: Dict[str, str] = {}
         self.fused_names: Tuple[str, ...] = ()
         self.suppressed: List[str] = []
+        self.installed = False
 
     # ------------------------------------------------------------------ arguments
     @property
     def enabled(self) -> bool:
         return bool(self.args.enabled)
 
-    def use_tag(self, tags: Sequence[Tuple[Sequence[str], Dict[str, str]]]) -> None:
+    def use_tag(self, tags: Sequence[Tuple[Sequence[str], Dict[str, str]]], p: Any = None) -> None:
         """Apply `<dynlora:...>` tags of the current batch (empty: back to the UI settings)."""
         self.args = self.ui_args
         if not tags:
             return
         if len(tags) > 1:
-            self.note("DynFuse: only the first <dynlora:...> tag of a prompt is used")
+            self.note("DynFuse: only the first <dynlora:...> tag of a prompt is used", p)
         try:
             self.args = tag_args(self.ui_args, tags)
         except ArgsError as e:
-            self.note(str(e))
+            self.note(f"{e} - the image was generated without fusion", p)
             self.args = FuseArgs()
 
-    def note(self, message: str) -> None:
-        """Remember a user-facing message once (shown by `report_all`)."""
-        if message not in self.messages:
-            self.messages.append(message)
+    def note(self, message: str, p: Any = None) -> None:
+        """A user-facing message: logged, and shown through the host (UI, console, infotext) once per run."""
+        if message in self.messages:
+            return
+        self.messages.append(message)
+        log.warning("%s", message)
+        if p is not None:
+            self.host.report(p, message)
 
     def report_all(self, p: Any) -> None:
         for m in self.messages:
             self.host.report(p, m)
+
+    @property
+    def active_sessions(self) -> List[Any]:
+        return list(self._active)
 
     # ------------------------------------------------------------------ LoRAs -> targets
     def _key(self) -> Tuple:
@@ -244,12 +255,9 @@ class FuseRun:
             return None
         key = self._key()
         if key not in self._loaded:
-            self._loaded[key] = self._load()
+            self._loaded[key] = self._load(p)
             if isinstance(self._loaded[key], str):
-                self.note(self._loaded[key])
-                log.warning("%s", self._loaded[key])
-                if p is not None:
-                    self.host.report(p, self._loaded[key])
+                self.note(self._loaded[key], p)
         got = self._loaded[key]
         if isinstance(got, str):
             return None
@@ -257,17 +265,12 @@ class FuseRun:
         self.fused_names = (self.args.subject, self.args.style)
         return targets
 
-    def _load(self):
+    def _load(self, p: Any = None):
         a = self.args
         try:
             if a.subject == a.style:
                 raise FuseInputError(f"DynFuse: subject and style are the same LoRA ({a.subject!r}); "
                                      "use it with <lora:...> instead")
-            known = set(self.host.lora_names())
-            for role, name in (("subject", a.subject), ("style", a.style)):
-                if name not in known:
-                    raise FuseInputError(f"DynFuse: unknown {role} LoRA {name!r} (not in the LoRA list; "
-                                         "refresh the list or check the name)")
             base = self.host.model_base()
             loras = []
             for name in (a.subject, a.style):
@@ -284,7 +287,7 @@ class FuseRun:
             for lora in loras:
                 if lora.skipped:
                     self.note(f"DynFuse: {len(lora.skipped)} layer(s) of {lora.name!r} cannot be fused on this "
-                              f"host and are left out (e.g. {lora.skipped[0]})")
+                              f"host and are left out (e.g. {lora.skipped[0]})", p)
             targets = pair_targets(subject, style, a.subject_weight, a.style_weight, a.text_encoder)
             return targets, {"subject": subject.shorthash, "style": style.shorthash}
         except FuseInputError as e:
@@ -301,11 +304,8 @@ class FuseRun:
         for name in removed:
             if name not in self.suppressed:
                 self.suppressed.append(name)
-                msg = (f"DynFuse: <lora:{name}> is also fused by DynFuse; it is applied once, "
-                       "through the fusion (the <lora> tag is ignored)")
-                self.note(msg)
-                log.warning("%s", msg)
-                self.host.report(p, msg)
+                self.note(f"DynFuse: <lora:{name}> is also fused by DynFuse; it is applied once, "
+                          "through the fusion (the <lora> tag is ignored)", p)
 
     # ------------------------------------------------------------------ hooks
     @contextlib.contextmanager
@@ -380,3 +380,81 @@ def infotext_field_value(params: Dict[str, Any], name: str) -> Any:
     except ArgsError:
         return None
     return getattr(args, name)
+
+
+# ----------------------------------------------------------------------------- lifecycle, called by the Script
+def prompts_have_tag(p: Any) -> bool:
+    """Does any prompt of this job mention `<dynlora:`? (cheap; the host parses the tag itself later)"""
+    texts = []
+    for attr in ("all_prompts", "all_hr_prompts", "prompt", "hr_prompt"):
+        v = getattr(p, attr, None)
+        texts.extend(v if isinstance(v, (list, tuple)) else [v])
+    marker = f"<{TAG_NAME}:"
+    return any(isinstance(t, str) and marker in t for t in texts)
+
+
+def begin(host: HostAdapter, p: Any, values: Sequence[Any]) -> FuseRun:
+    """Script.process: the run of this generation from the UI/API values; install only when it may fuse."""
+    run = FuseRun(host, ui_values=values)
+    setattr(p, RUN_ATTR, run)
+    run.report_all(p)
+    if run.enabled or prompts_have_tag(p):
+        host.install(p, run)
+        run.installed = True
+    return run
+
+
+def activate_tag(host: HostAdapter, p: Any, tags: Sequence[Tuple[Sequence[str], Dict[str, str]]]) -> None:
+    """ExtraNetwork.activate: this batch's tags; a job without our Script (p.scripts None) gets a run here."""
+    run = getattr(p, RUN_ATTR, None)
+    if run is None:
+        if not tags:
+            return
+        run = FuseRun(host)
+        setattr(p, RUN_ATTR, run)
+    run.use_tag(tags, p)
+    if run.enabled and not getattr(run, "installed", False):
+        host.install(p, run)
+        run.installed = True
+
+
+def finish(host: HostAdapter, p: Any, processed: Any) -> None:
+    """Script.postprocess: heat-map into the gallery when asked; the per-instance wrappers go."""
+    run = getattr(p, RUN_ATTR, None)
+    if run is None:
+        return
+    image = run.heatmap()
+    if image is not None and processed is not None:
+        host.add_image(p, processed, image, f"DynFuse selection heat-map ({run.args.subject} vs {run.args.style})")
+    uninstall = getattr(host, "uninstall", None)
+    if uninstall is not None:
+        uninstall(p)
+
+
+def info(host: HostAdapter, version: str) -> Dict[str, Any]:
+    """The `GET /dynfuse/v1/info` body: version, choices, defaults and every field's UI metadata (JSON-safe)."""
+    from dataclasses import fields as dc_fields
+    from .. import args as args_mod
+    defaults = FuseArgs()
+    described = []
+    for f in dc_fields(FuseArgs):
+        m = f.metadata
+        if m["ui"] == "image":
+            default = None
+        else:
+            default = getattr(defaults, f.name)
+        described.append({"name": f.name, "label": m["label"], "tip": m["tip"], "default": default,
+                          "choices": list(m["choices"]) or None, "minimum": m["minimum"], "maximum": m["maximum"],
+                          "infotext": m["infotext"], "tag_aliases": list(m["aliases"])})
+    return {
+        "version": version,
+        "host": getattr(host, "name", "unknown"),
+        "methods": list(args_mod.METHODS),
+        "criteria": list(args_mod.CRITERIA),
+        "text_encoder_modes": list(args_mod.TEXT_ENCODER_MODES),
+        "defaults": {d["name"]: d["default"] for d in described},
+        "fields": described,
+        "tag": f"<{TAG_NAME}:subject:style[:key=value...]>",
+        "api_args": "alwayson_scripts: {\"dynfuse\": {\"args\": [positional values in field order] or [{name: value}]}}",
+        "loras": host.lora_names(),
+    }

@@ -1,0 +1,245 @@
+"""AUTOMATIC1111 WebUI v1.10 adapter: the builtin Lora's loader -> LayerDelta, per-generation install points.
+
+Host facts (upstream 82a973c0, tag v1.10.1) this relies on:
+- `networks.load_network(name, networks.available_networks[name])` reads a file into `Network.modules`
+  (sd_key -> NetworkModule, `.sd_module` = the live layer) without activating it
+  (extensions-builtin/Lora/networks.py:158-270); only `networks.loaded_networks` is merged (:411-542), so the two
+  fused LoRAs never go there and their deltas only pass through our hooks.
+- `NetworkModuleLora` keeps `up_model`/`down_model`/`mid_model` and `calc_scale()` (network_lora.py:24-92,
+  network.py:167); every other type gives its full dW through `calc_updown(orig_weight)` (network.py:196-227).
+- Sampling: `p.setup_conds()` computes the conds (processing.py:966), `p.sample()` runs every pass, hires
+  included (processing.py:987, :1338, :1446); the denoiser counts its calls in `step` and expects `total_steps`
+  (sd_samplers_common.py:265-291) and calls `on_cfg_denoiser` with itself as `params.denoiser` before the UNet
+  (sd_samplers_cfg_denoiser.py:211).
+- Conds are cached in class-level lists keyed without our settings (processing.py:188-189, :440-491).
+Host modules are imported inside functions only.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, List, Sequence
+
+import torch
+
+from ..layer_delta import LayerDelta
+from . import common
+from .common import FuseInputError, HostLora, LoraLayer
+
+log = logging.getLogger("dynfuse")
+
+RUN_ATTR = common.RUN_ATTR
+_BASES = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl"}
+
+
+def networks_module():
+    """The builtin Lora extension's `networks` module (in sys.modules once its script has loaded)."""
+    try:
+        import networks  # noqa: F401  (extensions-builtin/Lora/networks.py)
+    except ImportError:
+        from modules import paths  # the builtin's folder, when our script is imported before it
+        sys.path.append(os.path.join(paths.script_path, "extensions-builtin", "Lora"))
+        import networks  # noqa: F811
+    return networks
+
+
+def layer_group(sd_key: str) -> str:
+    """UNet layers are named `diffusion_model_...`; every text-encoder name has 'transformer' early (network.py:161)."""
+    return "unet" if sd_key.startswith("diffusion_model") else "te"
+
+
+def module_delta(m: Any) -> LayerDelta:
+    """One builtin NetworkModule -> LayerDelta: low rank for plain LoRA/LoCon, else dense from calc_updown."""
+    sd_module = m.sd_module
+    plain = (type(m).__name__ == "NetworkModuleLora" and getattr(m, "dora_scale", None) is None
+             and getattr(m, "bias", None) is None and getattr(m.network, "dyn_dim", None) is None)
+    if plain:
+        mid = m.mid_model.weight.detach() if getattr(m, "mid_model", None) is not None else None
+        return LayerDelta(down=m.down_model.weight.detach(), up=m.up_model.weight.detach(), mid=mid,
+                          scale=float(m.calc_scale()) * float(m.multiplier()))
+    with torch.no_grad():
+        updown, ex_bias = m.calc_updown(sd_module.weight)
+    if ex_bias is not None:
+        raise FuseInputError(f"DynFuse: layer {m.sd_key} of LoRA {m.network.name!r} changes a bias, "
+                             "which fusion does not support")
+    return LayerDelta(dense=updown.detach().reshape(sd_module.weight.shape).to(sd_module.weight.dtype))
+
+
+def _rows(cond: Any) -> int:
+    """Rows of a conditioning tensor or of an SDXL cond dict (`crossattn`)."""
+    if isinstance(cond, dict):
+        cond = cond.get("crossattn", next(iter(cond.values())))
+    return int(cond.shape[0])
+
+
+class A1111Host:
+    """HostAdapter for AUTOMATIC1111 v1.10 (see common.py for the contract)."""
+
+    name = "a1111"
+    gradio_tooltips = True      # gradio_extensons.py IOComponent_init takes tooltip= and sets the element title
+
+    def on_cfg_denoiser(self, params: Any) -> None:
+        on_cfg_denoiser(params)
+
+    # ------------------------------------------------------------------ LoRA list
+    def lora_names(self) -> List[str]:
+        try:
+            return sorted(networks_module().available_networks, key=str.lower)
+        except Exception as e:  # the builtin Lora extension is disabled
+            log.warning("DynFuse: the builtin Lora extension is not available: %s", e)
+            return []
+
+    def refresh_loras(self) -> List[str]:
+        networks_module().list_available_networks()
+        return self.lora_names()
+
+    def _on_disk(self, name: str):
+        nets = networks_module()
+        found = nets.available_networks.get(name) or nets.available_network_aliases.get(name)
+        if found is None:
+            raise FuseInputError(f"DynFuse: unknown LoRA {name!r} (not in the LoRA list; refresh it or check the name)")
+        return found
+
+    # ------------------------------------------------------------------ model and files
+    def model_base(self) -> str:
+        from modules import shared
+        m = shared.sd_model
+        for attr, base in (("is_sdxl", "sdxl"), ("is_sd3", "sd3"), ("is_sd2", "sd2"), ("is_sd1", "sd1")):
+            if getattr(m, attr, False):
+                return base
+        return "unknown"
+
+    def read_lora(self, name: str) -> HostLora:
+        nets = networks_module()
+        on_disk = self._on_disk(name)
+        if not getattr(on_disk, "shorthash", ""):
+            try:
+                on_disk.read_hash()
+            except Exception as e:
+                log.info("DynFuse: no hash for %s: %s", name, e)
+        version = getattr(getattr(on_disk, "sd_version", None), "name", "Unknown")
+        out = HostLora(name=on_disk.name, shorthash=getattr(on_disk, "shorthash", "") or "",
+                       base=_BASES.get(version, "unknown"))
+        net = nets.load_network(on_disk.name, on_disk)
+        for sd_key, m in net.modules.items():
+            sd_module = m.sd_module
+            if not isinstance(sd_module, (torch.nn.Linear, torch.nn.Conv2d)) or \
+                    isinstance(sd_module, torch.nn.MultiheadAttention):
+                out.skipped.append(f"{sd_key} ({type(sd_module).__name__})")
+                continue
+            out.layers[sd_key] = LoraLayer(module=sd_module, group=layer_group(sd_key), delta=module_delta(m))
+        return out
+
+    # ------------------------------------------------------------------ the builtin's own <lora:...>
+    def prompt_lora_names(self, p: Any) -> List[str]:
+        nets = networks_module()
+        names = []
+        for data in (getattr(p, "extra_network_data", None), getattr(p, "hr_extra_network_data", None)):
+            for key in ("lora", "lyco"):
+                for params in (data or {}).get(key, []):
+                    if params.positional:
+                        found = nets.available_network_aliases.get(params.positional[0])
+                        names.append(found.name if found is not None else params.positional[0])
+        return names
+
+    def suppress_builtin(self, p: Any, names: Sequence[str]) -> List[str]:
+        nets = networks_module()
+        keep = [n for n in nets.loaded_networks if n.name not in names]
+        removed = [n.name for n in nets.loaded_networks if n.name in names]
+        nets.loaded_networks[:] = keep   # the builtin re-merges each layer from its backup on the next forward
+        return removed
+
+    def sync_builtin(self, modules: Sequence[torch.nn.Module]) -> None:
+        """Let the builtin merge its own `<lora>`s now, under no_grad (it restores with copy_, see real-host-facts)."""
+        from modules import shared
+        if getattr(shared.opts, "lora_functional", False):
+            return
+        nets = networks_module()
+        with torch.no_grad():
+            for m in modules:
+                if getattr(m, "network_layer_name", None) is not None and hasattr(m, "weight"):
+                    nets.network_apply_weights(m)
+
+    # ------------------------------------------------------------------ install points
+    def install(self, p: Any, run: "common.FuseRun") -> None:
+        """Per-instance wrappers of p.setup_conds and p.sample; fresh cond caches so no cond is shared."""
+        if getattr(p, "_dynfuse_wrapped", False):
+            return
+        p._dynfuse_wrapped = True
+        for cache in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
+            if hasattr(p, cache):
+                setattr(p, cache, [None, None])
+        setup_conds, sample = p.setup_conds, p.sample
+
+        def setup_conds_fused(*args, **kwargs):
+            with run.scope(p, "te"):
+                self._publish(p, run)
+                return setup_conds(*args, **kwargs)
+
+        def sample_fused(*args, **kwargs):
+            with run.scope(p, "unet") as session:
+                self._publish(p, run)
+                if session is None:
+                    return sample(*args, **kwargs)
+                unet = p.sd_model.model.diffusion_model
+                self.sync_builtin([t.module for t in session_targets(session)])
+                handle = unet.register_forward_pre_hook(lambda _m, a: run.set_rows(run.rows.take(_batch(a))))
+                try:
+                    return sample(*args, **kwargs)
+                finally:
+                    handle.remove()
+
+        p.setup_conds = setup_conds_fused
+        p.sample = sample_fused
+
+    def uninstall(self, p: Any) -> None:
+        for attr in ("setup_conds", "sample"):
+            p.__dict__.pop(attr, None)
+        p.__dict__.pop("_dynfuse_wrapped", None)
+
+    def _publish(self, p: Any, run: "common.FuseRun") -> None:
+        text = run.infotext()
+        if text:
+            p.extra_generation_params[common.INFOTEXT_KEY] = text
+
+    # ------------------------------------------------------------------ messages and gallery
+    def report(self, p: Any, message: str) -> None:
+        print(message, file=sys.stderr)
+        if hasattr(p, "comment"):
+            p.comment(message)
+        params = getattr(p, "extra_generation_params", None)
+        if params is not None:
+            old = params.get(common.MESSAGE_KEY)
+            if not old:
+                params[common.MESSAGE_KEY] = message
+            elif message not in old:
+                params[common.MESSAGE_KEY] = f"{old}; {message}"
+
+    def add_image(self, p: Any, processed: Any, image: Any, infotext: str) -> None:
+        processed.images.append(image)
+        processed.infotexts.append(infotext)
+
+
+def _batch(args: tuple) -> int:
+    x = args[0] if args else None
+    return int(x.shape[0]) if torch.is_tensor(x) else 0
+
+
+def session_targets(session: Any) -> list:
+    return list(getattr(session, "targets", []) or [])
+
+
+def on_cfg_denoiser(params: Any) -> None:
+    """Step, total and cond/uncond rows of this denoiser call, from the denoiser itself (script_callbacks.py:45)."""
+    denoiser = getattr(params, "denoiser", None)
+    run = getattr(getattr(denoiser, "p", None), RUN_ATTR, None)
+    if run is None or not run.active_sessions:
+        return
+    step = getattr(denoiser, "step", None)
+    total = getattr(denoiser, "total_steps", None)
+    if step is None or not total:
+        step, total = params.sampling_step, params.total_sampling_steps
+    run.set_step(step, total)
+    n_uncond = _rows(params.text_uncond)
+    run.rows.reset(int(params.x.shape[0]) - n_uncond, n_uncond)

@@ -1,0 +1,75 @@
+"""DynFuse for the Stable Diffusion WebUI: the Script class and callback registration only.
+
+Everything else is in lib_dynfuse (engine) and lib_dynfuse/hosts (the WebUI adapters).
+"""
+import os
+import sys
+
+from modules import script_callbacks, scripts
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from lib_dynfuse import __version__  # noqa: E402
+from lib_dynfuse.hosts import adapter, common, ui as dynfuse_ui  # noqa: E402
+
+HOST = adapter()
+
+
+class Script(scripts.Script):
+    def title(self):
+        return "DynFuse"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        import gradio as gr
+        from modules.ui_components import InputAccordion
+        tab = "img2img" if is_img2img else "txt2img"
+        controls = dynfuse_ui.build(gr, InputAccordion, tab, HOST.lora_names, HOST.refresh_loras,
+                                    tooltip_kw=getattr(HOST, "gradio_tooltips", False))
+        self.infotext_fields = dynfuse_ui.infotext_fields(controls)
+        self.paste_field_names = list(dynfuse_ui.PASTE_FIELD_NAMES)
+        return controls
+
+    def process(self, p, *args):
+        common.begin(HOST, p, args)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        hook = getattr(HOST, "before_every_sampling", None)
+        if hook is not None:
+            hook(p, **kwargs)
+
+    def postprocess(self, p, processed, *args):
+        common.finish(HOST, p, processed)
+
+
+def _register_extra_network():
+    from modules import extra_networks
+
+    class ExtraNetworkDynLora(extra_networks.ExtraNetwork):
+        """`<dynlora:subject:style[:key=value...]>` (activate gets the items split at ':', extra_networks.py:31-45)."""
+
+        def __init__(self):
+            super().__init__(common.TAG_NAME)
+
+        def activate(self, p, params_list):
+            common.activate_tag(HOST, p, [(x.positional, x.named) for x in params_list])
+
+        def deactivate(self, p):
+            pass
+
+    extra_networks.register_extra_network(ExtraNetworkDynLora())
+
+
+def _add_routes(demo, app):
+    app.add_api_route("/dynfuse/v1/info", lambda: common.info(HOST, __version__), methods=["GET"])
+
+
+# extra_networks.initialize() clears the registry after scripts load: register before the UI (real-host-facts.md)
+script_callbacks.on_before_ui(_register_extra_network)
+script_callbacks.on_app_started(_add_routes)
+if hasattr(HOST, "on_cfg_denoiser"):
+    script_callbacks.on_cfg_denoiser(HOST.on_cfg_denoiser)
