@@ -1,0 +1,101 @@
+"""Which branch every layer kept at every step, for cond and uncond rows apart (dynamic fusion Fig. 5, K-LoRA Fig. 6).
+
+Per step and layer the record keeps how many rows chose the subject (`chosen`) and how many rows were seen
+(`rows`), separately for "cond" and "uncond" rows. Several forward calls in one step (second-order samplers,
+unbatched CFG) add up, so the share is their average. The subject counts of the dynamic method stay on the
+device during sampling (adding a bool tensor needs no host sync); they are moved to the CPU once, when read.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+LABELS = ("cond", "uncond")
+
+
+class SelectionRecord:
+    """Subject choices per (step, layer, label); `cond`, `uncond`, `both` -> float [steps, layers], NaN = not run."""
+
+    def __init__(self, layer_names: Sequence[str]):
+        self.layer_names: List[str] = list(layer_names)
+        self._index = {name: i for i, name in enumerate(self.layer_names)}
+        self._device_chosen: Dict[int, torch.Tensor] = {}   # step -> [layers, 2] on the device, float32
+        self._cpu_chosen: Dict[int, torch.Tensor] = {}      # step -> [layers, 2] (python-decided choices: klora)
+        self._rows: Dict[int, torch.Tensor] = {}            # step -> [layers, 2] rows seen (known on the host)
+        self._masks: Dict[tuple, torch.Tensor] = {}         # (labels, device) -> [2, B] float label masks
+        self.total_steps: int = 0
+
+    # ------------------------------------------------------------------ writing
+    def _buffer(self, store: Dict[int, torch.Tensor], step: int, device) -> torch.Tensor:
+        buf = store.get(step)
+        if buf is None:
+            # a normal (not inference) tensor, so that it can be updated under and outside inference mode alike
+            with torch.inference_mode(False):
+                buf = torch.zeros(len(self.layer_names), 2, dtype=torch.float32, device=device)
+            store[step] = buf
+        return buf
+
+    def _count_rows(self, step: int, layer: int, labels: Sequence[str]) -> None:
+        rows = self._buffer(self._rows, step, "cpu")
+        rows[layer, 0] += sum(1 for lab in labels if lab != "uncond")
+        rows[layer, 1] += sum(1 for lab in labels if lab == "uncond")
+        self.total_steps = max(self.total_steps, step + 1)
+
+    def add_rows(self, step: int, layer: int, choose: torch.Tensor, labels: Sequence[str]) -> None:
+        """Record a per-row bool tensor [B] (on any device) without a host sync."""
+        key = (tuple(labels), choose.device)
+        mask = self._masks.get(key)
+        if mask is None:
+            with torch.inference_mode(False):
+                mask = torch.tensor([[lab != "uncond" for lab in labels], [lab == "uncond" for lab in labels]],
+                                    dtype=torch.float32, device=choose.device)
+            self._masks[key] = mask
+        with torch.no_grad():
+            self._buffer(self._device_chosen, step, choose.device)[layer].add_(mask @ choose.float())
+        self._count_rows(step, layer, labels)
+
+    def add_all(self, step: int, layer: int, subject: bool, labels: Sequence[str]) -> None:
+        """Record one host-side decision that holds for every row (K-LoRA's schedule)."""
+        if subject:
+            buf = self._buffer(self._cpu_chosen, step, "cpu")
+            buf[layer, 0] += sum(1 for lab in labels if lab != "uncond")
+            buf[layer, 1] += sum(1 for lab in labels if lab == "uncond")
+        self._count_rows(step, layer, labels)
+
+    def layer_index(self, name: str) -> int:
+        return self._index[name]
+
+    # ------------------------------------------------------------------ reading
+    def _table(self, store: Dict[int, torch.Tensor], steps: int) -> torch.Tensor:
+        out = torch.zeros(steps, len(self.layer_names), 2, dtype=torch.float64)
+        for step, buf in store.items():
+            out[step] += buf.detach().to("cpu", torch.float64)
+        return out
+
+    def counts(self, steps: Optional[int] = None):
+        """(chosen, rows): float64 [steps, layers, 2] (last dim: cond, uncond)."""
+        steps = self.total_steps if steps is None else steps
+        chosen = self._table(self._device_chosen, steps) + self._table(self._cpu_chosen, steps)
+        return chosen, self._table(self._rows, steps)
+
+    def _share(self, chosen: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return torch.where(rows > 0, chosen / rows.clamp_min(1), torch.full_like(rows, float("nan")))
+
+    @property
+    def cond(self) -> torch.Tensor:
+        """Share of cond rows that kept the subject: [steps, layers], NaN where the layer saw no cond row."""
+        chosen, rows = self.counts()
+        return self._share(chosen[..., 0], rows[..., 0])
+
+    @property
+    def uncond(self) -> torch.Tensor:
+        """Share of uncond rows that kept the subject: [steps, layers], NaN where the layer saw no uncond row."""
+        chosen, rows = self.counts()
+        return self._share(chosen[..., 1], rows[..., 1])
+
+    @property
+    def both(self) -> torch.Tensor:
+        """Share of all rows that kept the subject: [steps, layers], NaN where the layer did not run."""
+        chosen, rows = self.counts()
+        return self._share(chosen.sum(-1), rows.sum(-1))

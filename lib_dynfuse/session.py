@@ -1,0 +1,248 @@
+"""FuseSession: two LoRAs on a model through forward hooks, one per target layer, for one generation.
+
+Each hook receives the layer's own output y = F (the base, computed once by the module itself) and adds:
+- a layer only one LoRA touches: that LoRA's delta;
+- `merge`: dF_c + dF_s (direct arithmetic merge, w_c dW_c + w_s dW_s; the weights are in the deltas);
+- `dynamic` (dynamic fusion Eq. 9-13): per batch row, dF_c where d_c >= d_s else dF_s, d = the criterion of
+  F + dF against F (see selection.py for how features become distributions);
+- `klora` (K-LoRA Eq. 1-10): the subject's or the style's delta by a schedule [steps, layers] computed once
+  from the top-K sums. K-LoRA's paper selects in attention layers only; here its rule is applied to **every
+  layer both LoRAs touch** (convs, feed-forwards and projections too), because a layer that took the sum
+  of both would be a merge in disguise and would reintroduce the interference the method avoids.
+Text-encoder targets (group "te") follow `te_mode`: "select" = the same rule (K-LoRA: progress 0, since the
+prompt is encoded before the first step), "merge" = the sum, "off" = no delta.
+
+Deltas are computed in low rank (lowrank.py), cast to the input's device/dtype once per session. The hooks
+need no host sync (the dynamic choice is a `torch.where`; K-LoRA's is a precomputed Python bool), and they work
+under no_grad, inference_mode and enable_grad (gradients flow through the kept branch to the input).
+Hooks are removed by `close()` / `__exit__` in `finally`, on exceptions and KeyboardInterrupt alike; no module is
+swapped and no torch class is patched, so afterwards the model computes bit-identically to before.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Dict, Hashable, List, Optional, Sequence
+
+import torch
+
+from .layer_delta import FuseTarget, LayerDelta
+from .lowrank import channel_dim, full_delta_output, prepare_delta
+from .record import LABELS, SelectionRecord
+from .selection import CRITERIA, KLORA_SCALES, branch_divergences, choose_subject, klora_schedule, \
+    klora_switch_progress
+from .selection import klora_scale as scale_at
+
+METHODS = ("dynamic", "klora", "merge")
+TE_MODES = ("select", "merge", "off")
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"DynFuse: {name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+class FuseSession:
+    """Context manager: hooks on every target while open; `set_step`, `set_row_labels`, `selection`, `heatmap()`."""
+
+    def __init__(self, targets: Sequence[FuseTarget], method: str = "dynamic", criterion: str = "kl",
+                 klora_alpha: float = 1.5, klora_beta: float = 0.5, klora_scale: str = "linear",
+                 record: bool = True, te_mode: str = "select", klora_key: Optional[Hashable] = None):
+        _check_choice("method", method, METHODS)
+        _check_choice("criterion", criterion, CRITERIA)
+        _check_choice("klora_scale", klora_scale, KLORA_SCALES)
+        _check_choice("te_mode", te_mode, TE_MODES)
+        self.targets: List[FuseTarget] = list(targets)
+        for t in self.targets:
+            if t.subject is None and t.style is None:
+                raise ValueError(f"DynFuse: target {t.name!r} has neither a subject nor a style delta")
+            if t.group not in ("unet", "te"):
+                raise ValueError(f"DynFuse: target {t.name!r} has group {t.group!r}; expected 'unet' or 'te'")
+        if len({id(t.module) for t in self.targets}) != len(self.targets):
+            raise ValueError("DynFuse: two targets share one module; give each layer one FuseTarget")
+        self.method, self.criterion, self.te_mode = method, criterion, te_mode
+        self.klora_alpha, self.klora_beta, self.klora_scale = float(klora_alpha), float(klora_beta), klora_scale
+        if method == "klora":
+            scale_at(0.0, self.klora_alpha, self.klora_beta, klora_scale)  # star needs alpha > 0: fail here, not in a hook
+
+        # the recorded layers: every UNet layer both LoRAs touch, in target order
+        recorded = [i for i, t in enumerate(self.targets) if t.is_shared and t.group == "unet"]
+        self._record_slot: Dict[int, int] = {i: j for j, i in enumerate(recorded)}
+        self.record: Optional[SelectionRecord] = (
+            SelectionRecord([self.targets[i].name for i in recorded]) if record else None)
+
+        self.klora_sums = None
+        self._klora_slot: Dict[int, int] = {}
+        self._klora_tables: Dict[int, List[List[bool]]] = {}
+        if self._needs_klora():
+            from .klora_cache import SUMS_CACHE
+            self.klora_sums = SUMS_CACHE.get(klora_key, self.targets)
+            slot = {name: j for j, name in enumerate(self.klora_sums.names)}
+            self._klora_slot = {i: slot[t.name] for i, t in enumerate(self.targets) if t.is_shared}
+
+        self._step, self._total = 0, 1
+        self._labels: Optional[List[str]] = None
+        self._cast: Dict[tuple, LayerDelta] = {}
+        self._handles: list = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "FuseSession":
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> "FuseSession":
+        """Register one forward hook per target (undone completely if any registration fails)."""
+        if self._handles:
+            raise RuntimeError("DynFuse: this FuseSession is already open")
+        try:
+            for i, t in enumerate(self.targets):
+                if self._mode(t) == "off":
+                    continue
+                hook = functools.partial(self._hook, i)
+                self._handles.append(t.module.register_forward_hook(hook, with_kwargs=True))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Remove every hook; idempotent, and safe to call from `finally`."""
+        handles, self._handles = self._handles, []
+        first_error = None
+        for h in handles:
+            try:
+                h.remove()
+            except Exception as e:  # still take the others off, then report the first failure
+                first_error = first_error or e
+        self._cast.clear()
+        if first_error is not None:
+            raise first_error
+
+    @property
+    def is_open(self) -> bool:
+        return bool(self._handles)
+
+    # ------------------------------------------------------------------ caller-supplied state
+    def set_step(self, step: int, total: int) -> None:
+        """Denoising progress p = step / total (0-based step of `total`), from the caller's sampler loop."""
+        step, total = int(step), int(total)
+        if total < 1 or not 0 <= step:
+            raise ValueError(f"DynFuse: set_step needs 0 <= step and total >= 1, got step={step}, total={total}")
+        self._step, self._total = step, total
+
+    @property
+    def progress(self) -> float:
+        return self._step / self._total
+
+    def set_row_labels(self, labels: Optional[Sequence[str]]) -> None:
+        """Per batch row "cond" or "uncond", for the record (None = every row is cond)."""
+        if labels is not None:
+            labels = list(labels)
+            bad = [lab for lab in labels if lab not in LABELS]
+            if bad:
+                raise ValueError(f"DynFuse: row labels must be 'cond' or 'uncond', got {bad[0]!r}")
+        self._labels = labels
+
+    def _row_labels(self, rows: int) -> List[str]:
+        # a layer whose batch differs from the labels (none in SD UNets) is recorded as cond
+        if self._labels is not None and len(self._labels) == rows:
+            return self._labels
+        return ["cond"] * rows
+
+    # ------------------------------------------------------------------ results
+    @property
+    def layer_names(self) -> List[str]:
+        return list(self.record.layer_names) if self.record is not None else []
+
+    @property
+    def selection(self) -> torch.Tensor:
+        """Per step and recorded layer, the share of rows that kept the subject: float [steps, layers], NaN = not run."""
+        if self.record is None:
+            raise RuntimeError("DynFuse: this session was made with record=False")
+        return self.record.both
+
+    def heatmap(self, title: Optional[str] = None):
+        """PIL image of the record: steps x layers, cond and uncond panels, legend."""
+        from .heatmap import render_heatmap
+        if self.record is None:
+            raise RuntimeError("DynFuse: this session was made with record=False")
+        title = title or f"DynFuse {self.method}" + (f" ({self.criterion})" if self.method == "dynamic" else "")
+        return render_heatmap(self.record.cond, self.record.uncond, title=title, layer_names=self.record.layer_names)
+
+    def klora_switch_progress(self) -> Optional[torch.Tensor]:
+        """Closed-form p* per shared layer for the linear K-LoRA scale (order of `klora_sums.names`)."""
+        if self.klora_sums is None:
+            return None
+        s = self.klora_sums
+        return klora_switch_progress(s.top_c, s.top_s, s.gamma, self.klora_alpha, self.klora_beta)
+
+    # ------------------------------------------------------------------ the hook
+    def _needs_klora(self) -> bool:
+        return any(self._mode(t) == "select" for t in self.targets if t.is_shared) and self.method == "klora"
+
+    def _mode(self, target: FuseTarget) -> str:
+        """'merge', 'select' or 'off' for this target."""
+        if target.group == "te" and self.te_mode != "select":
+            return self.te_mode
+        return "merge" if self.method == "merge" else "select"
+
+    def _klora_table(self, total: int, te: bool) -> List[List[bool]]:
+        key = 0 if te else total
+        table = self._klora_tables.get(key)
+        if table is None:
+            s = self.klora_sums
+            progress = [0.0] if te else None
+            table = klora_schedule(s.top_c, s.top_s, s.gamma, total, self.klora_alpha, self.klora_beta,
+                                   self.klora_scale, progress=progress).tolist()
+            self._klora_tables[key] = table
+        return table
+
+    def _prepared(self, index: int, branch: int, delta: LayerDelta, module, x: torch.Tensor) -> LayerDelta:
+        dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+        key = (index, branch, x.device, dtype)
+        cast = self._cast.get(key)
+        if cast is None:
+            cast = prepare_delta(delta, module, x.device, dtype)
+            self._cast[key] = cast
+        return cast
+
+    def _hook(self, index: int, module, args, kwargs, output):
+        target = self.targets[index]
+        try:
+            return self._fused_output(index, target, module, args, kwargs, output)
+        except Exception as e:  # name the layer; KeyboardInterrupt passes through untouched
+            raise RuntimeError(f"DynFuse: fusing layer {target.name!r} failed: {e}") from e
+
+    def _fused_output(self, index: int, target: FuseTarget, module, args, kwargs, y: torch.Tensor):
+        x = args[0] if args else next(iter(kwargs.values()))
+
+        def delta(branch: int, d: LayerDelta) -> torch.Tensor:
+            return full_delta_output(self._prepared(index, branch, d, module, x), x, module, y)
+
+        if not target.is_shared:
+            return y + (delta(0, target.subject) if target.subject is not None else delta(1, target.style))
+        mode = self._mode(target)
+        if mode == "merge":
+            return y + delta(0, target.subject) + delta(1, target.style)
+
+        slot = self._record_slot.get(index)
+        record = self.record if slot is not None else None
+        if self.method == "klora":
+            te = target.group == "te"
+            step = 0 if te else min(self._step, self._total - 1)
+            subject = self._klora_table(self._total, te)[step][self._klora_slot[index]]
+            if record is not None:
+                record.add_all(self._step, slot, subject, self._row_labels(y.shape[0]))
+            return y + (delta(0, target.subject) if subject else delta(1, target.style))
+
+        d_c, d_s = delta(0, target.subject), delta(1, target.style)
+        with torch.no_grad():
+            div_c, div_s = branch_divergences(self.criterion, y.detach(), d_c.detach(), d_s.detach(),
+                                              channel_dim(target.subject))
+            choose = choose_subject(div_c, div_s)
+        if record is not None:
+            record.add_rows(self._step, slot, choose, self._row_labels(y.shape[0]))
+        keep = choose.reshape(-1, *([1] * (y.dim() - 1)))
+        return y + torch.where(keep, d_c, d_s)

@@ -1,0 +1,413 @@
+"""FuseSession on tiny hand-made layers: per-method outputs against hand-written references, hook lifecycle,
+grad modes, and the selection record.
+
+References: the base output is the module's own output, the deltas are computed here with the same op order
+as the low-rank path ((x @ down.T) @ up.T * scale), so hooked outputs are compared bit-exactly.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lib_dynfuse.layer_delta import FuseTarget, LayerDelta
+from lib_dynfuse.record import SelectionRecord
+from lib_dynfuse.selection import klora_gamma, klora_k, klora_schedule, topk_abs_sum
+from lib_dynfuse.session import FuseSession
+
+
+def _g(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _linear_delta(out_f, in_f, rank, seed, scale=1.0, zero=False):
+    g = _g(seed)
+    down = torch.randn(rank, in_f, generator=g) / in_f ** 0.5
+    up = torch.randn(out_f, rank, generator=g)
+    return LayerDelta(down=down, up=torch.zeros_like(up) if zero else up, scale=scale)
+
+
+def _conv_delta(out_c, in_c, k, rank, seed, scale=1.0):
+    g = _g(seed)
+    return LayerDelta(down=torch.randn(rank, in_c, k, k, generator=g) / (in_c * k * k) ** 0.5,
+                      up=torch.randn(out_c, rank, 1, 1, generator=g), scale=scale)
+
+
+def _ref_delta(delta, x, module=None):
+    """dW x by hand (same op order as the low-rank path)."""
+    if delta.down.dim() == 4:
+        h = F.conv2d(x, delta.down, None, module.stride, module.padding, module.dilation)
+        return F.conv2d(h, delta.up) * delta.scale
+    return F.linear(F.linear(x, delta.down), delta.up) * delta.scale
+
+
+def _linear(seed=0, in_f=6, out_f=8):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(in_f, out_f).eval()
+
+
+def _x(*shape, seed=1):
+    return torch.randn(*shape, generator=_g(seed))
+
+
+# ----------------------------------------------------------------------------- outputs per method
+def test_single_lora_layers_take_that_delta_bit_exact():
+    lin_c, lin_s = _linear(0), _linear(1)
+    conv = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1).eval()
+    dc, ds, dconv = _linear_delta(8, 6, 2, 10, 0.5), _linear_delta(8, 6, 3, 11, 2.0), _conv_delta(4, 3, 3, 2, 12)
+    targets = [FuseTarget("c", lin_c, subject=dc), FuseTarget("s", lin_s, style=ds), FuseTarget("k", conv, style=dconv)]
+    x, xc = _x(2, 5, 6), _x(2, 3, 7, 7, seed=2)
+    with torch.no_grad():
+        expected = [lin_c(x) + _ref_delta(dc, x), lin_s(x) + _ref_delta(ds, x), conv(xc) + _ref_delta(dconv, xc, conv)]
+        for method in ("dynamic", "klora", "merge"):
+            with FuseSession(targets, method=method):
+                got = [lin_c(x), lin_s(x), conv(xc)]
+            for g, e in zip(got, expected):
+                assert torch.equal(g, e), method
+
+
+def test_merge_adds_both_deltas():
+    lin = _linear(0)
+    dc, ds = _linear_delta(8, 6, 2, 10, 0.5), _linear_delta(8, 6, 3, 11, 2.0)
+    x = _x(3, 4, 6)
+    with torch.no_grad():
+        base = lin(x)
+        with FuseSession([FuseTarget("l", lin, dc, ds)], method="merge") as session:
+            got = lin(x)
+    assert torch.equal(got, base + _ref_delta(dc, x) + _ref_delta(ds, x))
+    assert session.selection.shape == (0, 1)  # merge records no choice
+
+
+@pytest.mark.parametrize("criterion", ["kl", "js", "cosine", "dot"])
+def test_dynamic_picks_per_row(criterion):
+    """Row 0: the subject flips the features, the style barely moves them; row 1 the other way round."""
+    lin = _linear(0, 4, 4)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(4))
+        lin.bias.zero_()
+    big = LayerDelta(down=-3.0 * torch.eye(4), up=torch.eye(4))     # F -> -2F
+    small = LayerDelta(down=0.01 * torch.eye(4), up=torch.eye(4).flip(0))
+    x = torch.stack([_x(5, 4, seed=3), _x(5, 4, seed=4)])
+    with torch.no_grad():
+        base = lin(x)
+        with FuseSession([FuseTarget("l", lin, big, small)], method="dynamic", criterion=criterion) as session:
+            session.set_row_labels(["cond", "uncond"])
+            row0 = lin(x[:1].repeat(2, 1, 1))                     # both rows like row 0 -> subject, subject
+            got = lin(x)
+    ref_big, ref_small = _ref_delta(big, x), _ref_delta(small, x)
+    assert torch.equal(got[0], base[0] + ref_big[0])
+    # row 1: the style is the small delta, the subject the big one -> subject again; swap to test the style side
+    assert torch.equal(got[1], base[1] + ref_big[1])
+    assert torch.equal(row0, (base[:1] + ref_big[:1]).repeat(2, 1, 1))
+    with torch.no_grad():
+        with FuseSession([FuseTarget("l", lin, small, big)], method="dynamic", criterion=criterion) as session:
+            session.set_row_labels(["cond", "uncond"])
+            got = lin(x)
+    assert torch.equal(got, base + ref_big)     # now big is the style: both rows keep the style
+    assert session.record.cond.tolist() == [[0.0]] and session.record.uncond.tolist() == [[0.0]]
+
+
+def test_dynamic_mixed_rows_in_one_batch():
+    lin = _linear(0, 4, 4)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(4))
+        lin.bias.zero_()
+    # rows scaled so that one delta matters in row 0 only: dF_c = 5*x0-direction, dF_s = same map; inputs differ
+    dc = LayerDelta(down=torch.diag(torch.tensor([4.0, 0, 0, 0])), up=torch.eye(4))
+    ds = LayerDelta(down=torch.diag(torch.tensor([0, 0, 0, 4.0])), up=torch.eye(4))
+    x = torch.tensor([[[1.0, 0.1, 0.2, 0.0]], [[0.0, 0.1, 0.2, 1.0]]])   # row 0 lives on channel 0, row 1 on 3
+    with torch.no_grad():
+        base = lin(x)
+        with FuseSession([FuseTarget("l", lin, dc, ds)]) as session:
+            session.set_row_labels(["cond", "uncond"])
+            got = lin(x)
+    assert torch.equal(got[0], base[0] + _ref_delta(dc, x)[0])
+    assert torch.equal(got[1], base[1] + _ref_delta(ds, x)[1])
+    assert session.record.cond.tolist() == [[1.0]] and session.record.uncond.tolist() == [[0.0]]
+    assert session.selection.tolist() == [[0.5]]
+
+
+def test_dynamic_conv_layer_per_row():
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1).eval()
+    dc, ds = _conv_delta(4, 3, 3, 2, 1, scale=3.0), _conv_delta(4, 3, 3, 2, 2, scale=0.01)
+    x = _x(2, 3, 5, 5)
+    with torch.no_grad():
+        base = conv(x)
+        with FuseSession([FuseTarget("c", conv, dc, ds)]):
+            got = conv(x)
+    assert torch.equal(got, base + _ref_delta(dc, x, conv))
+
+
+@pytest.mark.parametrize("criterion", ["kl", "js", "cosine"])
+def test_ties_and_zero_loras(criterion):
+    lin = _linear(0)
+    d = _linear_delta(8, 6, 2, 10)
+    zero = _linear_delta(8, 6, 2, 11, zero=True)
+    x = _x(2, 3, 6)
+    with torch.no_grad():
+        base = lin(x)
+        # identical deltas: a tie in every row -> subject
+        with FuseSession([FuseTarget("l", lin, d, d)], criterion=criterion) as tie:
+            assert torch.equal(lin(x), base + _ref_delta(d, x))
+        # zero style: subject everywhere; zero subject: style everywhere; both zero: the base output
+        with FuseSession([FuseTarget("l", lin, d, zero)], criterion=criterion) as zs:
+            assert torch.equal(lin(x), base + _ref_delta(d, x))
+        with FuseSession([FuseTarget("l", lin, zero, d)], criterion=criterion) as zc:
+            assert torch.equal(lin(x), base + _ref_delta(d, x))
+        with FuseSession([FuseTarget("l", lin, zero, zero)], criterion=criterion) as both:
+            out = lin(x)
+    assert torch.equal(out, base) and not torch.isnan(out).any()
+    assert tie.selection.tolist() == [[1.0]] and zs.selection.tolist() == [[1.0]]
+    assert zc.selection.tolist() == [[0.0]] and both.selection.tolist() == [[1.0]]
+
+
+def _klora_targets():
+    lins = [_linear(i) for i in range(4)]
+    targets = []
+    for i, lin in enumerate(lins):
+        # alternate which LoRA is stronger so that layers switch at different steps
+        sc, ss = (3.0, 1.0) if i % 2 else (1.0, 1.5)
+        targets.append(FuseTarget(f"l{i}", lin, _linear_delta(8, 6, 2, 20 + i, sc), _linear_delta(8, 6, 3, 40 + i, ss)))
+    return targets
+
+
+@pytest.mark.parametrize("kind", ["linear", "star"])
+def test_klora_follows_the_schedule_from_topk_sums(kind):
+    targets = _klora_targets()
+    # the sums by hand: top-K of |up @ down * scale|, K = r_c * r_s; gamma over all layers (Eq. 3-5, 9)
+    top_c, top_s, abs_c, abs_s = [], [], [], []
+    for t in targets:
+        dw_c = t.subject.up @ t.subject.down * t.subject.scale
+        dw_s = t.style.up @ t.style.down * t.style.scale
+        k = klora_k(2, 3, dw_c.numel())
+        top_c.append(float(topk_abs_sum(dw_c, k)))
+        top_s.append(float(topk_abs_sum(dw_s, k)))
+        abs_c.append(dw_c.abs().double().sum().item())
+        abs_s.append(dw_s.abs().double().sum().item())
+    gamma = sum(abs_c) / sum(abs_s)
+    total = 10
+    expected = klora_schedule(torch.tensor(top_c, dtype=torch.float64), torch.tensor(top_s, dtype=torch.float64),
+                              torch.tensor(gamma, dtype=torch.float64), total, 1.5, 0.5, kind)
+    assert 0 < expected.sum() < expected.numel()   # the test LoRAs do switch
+    x = _x(2, 3, 6)
+    with torch.no_grad():
+        bases = [t.module(x) for t in targets]
+        with FuseSession(targets, method="klora", klora_scale=kind) as session:
+            assert session.klora_sums.gamma.item() == pytest.approx(gamma, rel=1e-12)
+            for step in range(total):
+                session.set_step(step, total)
+                for j, t in enumerate(targets):
+                    out = t.module(x)
+                    chosen = t.subject if expected[step, j] else t.style
+                    assert torch.equal(out, bases[j] + _ref_delta(chosen, x)), (step, j)
+    assert torch.equal(session.selection, expected.double())
+    if kind == "linear":
+        p_star = session.klora_switch_progress()
+        p = torch.arange(total, dtype=torch.float64) / total
+        assert torch.equal(expected, p[:, None] <= p_star[None, :])
+
+
+def test_klora_sums_are_cached_by_key():
+    from lib_dynfuse.klora_cache import SUMS_CACHE
+    targets = _klora_targets()
+    a = FuseSession(targets, method="klora", klora_key=("sha-c", 1.0, "sha-s", 1.0))
+    b = FuseSession(targets, method="klora", klora_key=("sha-c", 1.0, "sha-s", 1.0))
+    c = FuseSession(targets, method="klora")
+    assert a.klora_sums is b.klora_sums and a.klora_sums is not c.klora_sums
+    assert torch.equal(a.klora_sums.top_c, c.klora_sums.top_c)
+    assert SUMS_CACHE.size >= 1
+
+
+def test_text_encoder_modes():
+    te, unet_layer = _linear(0), _linear(1)
+    dc, ds = _linear_delta(8, 6, 2, 10, 3.0), _linear_delta(8, 6, 2, 11, 0.2)
+    x = _x(2, 3, 6)
+    with torch.no_grad():
+        base = te(x)
+        targets = [FuseTarget("te", te, dc, ds, group="te"), FuseTarget("u", unet_layer, dc, ds)]
+        with FuseSession(targets, te_mode="off"):
+            assert torch.equal(te(x), base)
+            assert len(te._forward_hooks) == 0
+        with FuseSession(targets, te_mode="merge"):
+            assert torch.equal(te(x), base + _ref_delta(dc, x) + _ref_delta(ds, x))
+        with FuseSession(targets, te_mode="select") as s:
+            assert torch.equal(te(x), base + _ref_delta(dc, x))   # the subject delta is far larger
+        with FuseSession(targets, method="klora", te_mode="select") as k:
+            k.set_step(9, 10)   # the text encoder always uses progress 0
+            table = klora_schedule(k.klora_sums.top_c, k.klora_sums.top_s, k.klora_sums.gamma, 1)
+            chosen = dc if table[0, 0] else ds
+            assert torch.equal(te(x), base + _ref_delta(chosen, x))
+    assert s.layer_names == ["u"]   # only UNet layers are recorded
+
+
+# ----------------------------------------------------------------------------- lifecycle
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 5)).eval()
+
+
+def _model_targets(model):
+    return [FuseTarget("0", model[0], _linear_delta(8, 6, 2, 1), _linear_delta(8, 6, 2, 2)),
+            FuseTarget("2", model[2], _linear_delta(5, 8, 2, 3), _linear_delta(5, 8, 2, 4))]
+
+
+def _no_hooks(model):
+    return all(not m._forward_hooks for m in model.modules())
+
+
+def test_hooks_removed_after_normal_exit_exception_and_interrupt():
+    model = _model()
+    x = _x(2, 6)
+    with torch.no_grad():
+        before = model(x)
+        for error in (None, ValueError("boom"), KeyboardInterrupt()):
+            try:
+                with FuseSession(_model_targets(model)) as session:
+                    fused = model(x)
+                    assert not torch.equal(fused, before) and session.is_open
+                    if error is not None:
+                        raise error
+            except (ValueError, KeyboardInterrupt) as e:
+                assert e is error
+            assert _no_hooks(model) and not session.is_open
+            assert torch.equal(model(x), before)
+        session.close()   # idempotent
+        session.close()
+
+
+def test_interrupt_inside_a_hook_still_removes_everything():
+    model = _model()
+    x = _x(2, 6)
+
+    def interrupt(module, args, output):
+        raise KeyboardInterrupt
+
+    with torch.no_grad():
+        before = model(x)
+        stop = model[2].register_forward_hook(interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            with FuseSession(_model_targets(model)):
+                model(x)
+        stop.remove()
+        assert _no_hooks(model) and torch.equal(model(x), before)
+
+
+def test_layer_error_names_the_layer_and_cleans_up():
+    model = _model()
+    bad = [FuseTarget("down_blocks.bad", model[0], subject=_linear_delta(8, 7, 2, 1))]   # in 7 != 6
+    x = _x(2, 6)
+    with pytest.raises(RuntimeError, match="down_blocks.bad"):
+        with torch.no_grad(), FuseSession(bad):
+            model(x)
+    assert _no_hooks(model)
+
+
+def test_inference_mode_then_autograd_through_the_hooks():
+    model = _model()
+    targets = _model_targets(model)
+    x = _x(3, 6)
+    with torch.no_grad():
+        expected = model(x)
+    with FuseSession(targets) as session:
+        with torch.no_grad():
+            fused = model(x)
+        with torch.inference_mode():
+            fused_inf = model(x)          # the deltas were cast under no_grad; run inference mode on them
+        assert torch.equal(fused, fused_inf)
+        session._cast.clear()
+        with torch.inference_mode():
+            assert torch.equal(model(x), fused)   # cast under inference mode this time
+        with torch.enable_grad():
+            xg = x.clone().requires_grad_(True)
+            out = model(xg)
+            out.square().sum().backward()
+    assert not torch.equal(fused, expected)
+    # the reference gradient: the same fused network written out by hand, with the branches the hook chose
+    xr = x.clone().requires_grad_(True)
+    h = model[0](xr)
+    h = h + torch.where(torch.tensor(_row_choice(targets[0], x, model[0]))[:, None],
+                        _ref_delta(targets[0].subject, xr), _ref_delta(targets[0].style, xr))
+    h = model[1](h)
+    y = model[2](h)
+    y = y + torch.where(torch.tensor(_row_choice(targets[1], h.detach(), model[2]))[:, None],
+                        _ref_delta(targets[1].subject, h), _ref_delta(targets[1].style, h))
+    y.square().sum().backward()
+    assert torch.equal(out.detach(), y.detach())
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=0, atol=0)
+
+
+def _row_choice(target, x, module):
+    from lib_dynfuse.selection import branch_divergences, choose_subject
+    with torch.no_grad():
+        y = module(x)
+        d_c, d_s = branch_divergences("kl", y, _ref_delta(target.subject, x), _ref_delta(target.style, x), -1)
+    return choose_subject(d_c, d_s).tolist()
+
+
+def test_bad_arguments_are_clear_errors():
+    lin = _linear(0)
+    d = _linear_delta(8, 6, 2, 1)
+    t = [FuseTarget("l", lin, d, d)]
+    for kwargs, message in ((dict(method="zip"), "method must be one of"), (dict(criterion="l1"), "criterion"),
+                            (dict(te_mode="x"), "te_mode"), (dict(klora_scale="s"), "klora_scale"),
+                            (dict(method="klora", klora_scale="star", klora_alpha=0.0), "alpha > 0")):
+        with pytest.raises(ValueError, match=message):
+            FuseSession(t, **kwargs)
+    with pytest.raises(ValueError, match="neither"):
+        FuseSession([FuseTarget("l", lin)])
+    with pytest.raises(ValueError, match="share one module"):
+        FuseSession([FuseTarget("a", lin, d), FuseTarget("b", lin, None, d)])
+    session = FuseSession(t)
+    with pytest.raises(ValueError, match="cond"):
+        session.set_row_labels(["cond", "negative"])
+    with pytest.raises(ValueError, match="total"):
+        session.set_step(0, 0)
+    with session:
+        with pytest.raises(RuntimeError, match="already open"):
+            session.open()
+    assert _no_hooks(lin)
+
+
+# ----------------------------------------------------------------------------- record
+def test_record_averages_calls_and_keeps_labels_apart():
+    lin = _linear(0, 4, 4)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(4))
+        lin.bias.zero_()
+    dc = LayerDelta(down=torch.diag(torch.tensor([4.0, 0, 0, 0])), up=torch.eye(4))
+    ds = LayerDelta(down=torch.diag(torch.tensor([0, 0, 0, 4.0])), up=torch.eye(4))
+    subj = torch.tensor([[[1.0, 0.1, 0.2, 0.0]]])
+    styl = torch.tensor([[[0.0, 0.1, 0.2, 1.0]]])
+    other = _linear(1, 4, 4)
+    targets = [FuseTarget("a", lin, dc, ds), FuseTarget("b", other, dc, ds)]
+    with torch.no_grad(), FuseSession(targets) as session:
+        session.set_step(0, 3)
+        session.set_row_labels(["uncond", "cond"])
+        lin(torch.cat([subj, styl]))            # uncond -> subject, cond -> style
+        session.set_step(2, 3)
+        session.set_row_labels(None)            # all cond
+        lin(torch.cat([subj, subj]))            # call 1: 2 of 2 subject
+        lin(torch.cat([styl, subj]))            # call 2: 1 of 2 subject -> 3 of 4
+    nan = math.nan
+    cond, uncond = session.record.cond, session.record.uncond
+    assert cond.shape == uncond.shape == session.selection.shape == (3, 2)
+    assert _same(cond, [[0.0, nan], [nan, nan], [0.75, nan]])
+    assert _same(uncond, [[1.0, nan], [nan, nan], [nan, nan]])
+    assert _same(session.selection, [[0.5, nan], [nan, nan], [0.75, nan]])
+    assert session.layer_names == ["a", "b"]
+
+
+def _same(t, expected):
+    return t.shape == torch.Size([len(expected), len(expected[0])]) and all(
+        (math.isnan(a) and math.isnan(b)) or a == b for ra, rb in zip(t.tolist(), expected) for a, b in zip(ra, rb))
+
+
+def test_record_under_inference_mode_and_host_decisions():
+    record = SelectionRecord(["x", "y"])
+    with torch.inference_mode():
+        record.add_rows(1, 0, torch.tensor([True, False, True]), ["cond", "uncond", "uncond"])
+    record.add_rows(1, 0, torch.tensor([False, False, False]), ["cond", "uncond", "uncond"])
+    record.add_all(0, 1, True, ["cond", "uncond"])
+    record.add_all(0, 1, False, ["cond", "uncond"])
+    assert _same(record.cond, [[math.nan, 0.5], [0.5, math.nan]])
+    assert _same(record.uncond, [[math.nan, 0.5], [0.25, math.nan]])
