@@ -1,0 +1,57 @@
+"""Differentiable latent -> image [0,1] decoders for scoring x0-hat: a full VAE or TAESD, any host's.
+
+A decoder is a module so that `make_private_copy` can copy it whole (a lambda would keep the host's module).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+
+class LatentDecoder(nn.Module):
+    """UNet-space latent -> image [B,3,H,W] in [0,1]: module.decode(z / scaling + shift) (or module(...)), rescaled."""
+
+    image_range = (0.0, 1.0)
+
+    def __init__(self, module: nn.Module, scaling_factor: float = 1.0, shift_factor: float = 0.0,
+                 output_range: Tuple[float, float] = (-1.0, 1.0), use_decode_method: bool = True):
+        super().__init__()
+        self.module = module
+        self.scaling_factor, self.shift_factor = float(scaling_factor), float(shift_factor)
+        self.output_range = (float(output_range[0]), float(output_range[1]))
+        self.use_decode_method = use_decode_method
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents / self.scaling_factor + self.shift_factor
+        param = next(self.module.parameters(), None)
+        if param is not None:
+            z = z.to(device=param.device, dtype=param.dtype)
+        out = self.module.decode(z) if self.use_decode_method else self.module(z)
+        out = getattr(out, "sample", out)          # diffusers DecoderOutput
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        lo, hi = self.output_range
+        return (out - lo) / (hi - lo)
+
+
+def vae_decoder(vae: nn.Module, scaling_factor: Optional[float] = None,
+                shift_factor: Optional[float] = None) -> LatentDecoder:
+    """Full VAE: diffusers AutoencoderKL / AutoencoderTiny (factors from vae.config) or an ldm/sgm/Forge
+    first-stage model whose decode(z) gives [-1,1] (pass the checkpoint's scale factor, e.g. 0.18215 SD1,
+    0.13025 SDXL, FLUX 0.3611 with shift 0.1159)."""
+    config = getattr(vae, "config", None)
+    if scaling_factor is None:
+        scaling_factor = getattr(config, "scaling_factor", None)
+        if scaling_factor is None:
+            raise ValueError("DynFuse guidance: give the VAE's latent scaling factor (its module has no config)")
+    if shift_factor is None:
+        shift_factor = getattr(config, "shift_factor", None) or 0.0
+    return LatentDecoder(vae, scaling_factor, shift_factor, (-1.0, 1.0), use_decode_method=True)
+
+
+def taesd_decoder(decoder: nn.Module) -> LatentDecoder:
+    """A TAESD decoder module that maps UNet-space latents straight to [0,1] (e.g. the WebUI's
+    sd_vae_taesd.decoder_model()). For diffusers' AutoencoderTiny use vae_decoder(tiny)."""
+    return LatentDecoder(decoder, 1.0, 0.0, (0.0, 1.0), use_decode_method=False)
