@@ -128,11 +128,12 @@ def check_safetensors(path: str) -> None:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(9)
+    if len(head) == 9 and struct.unpack("<Q", head[:8])[0] + 8 <= size and head[8:9] == b"{":
+        return                                     # u64 header length, then the JSON header
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         raise LoraFormatError(f"{name}: this is a pickle (torch.save) file, not safetensors; it is refused because "
                               f"loading it can run arbitrary code; convert it to .safetensors")
-    if len(head) < 9 or struct.unpack("<Q", head[:8])[0] + 8 > size or head[8:9] != b"{":
-        raise LoraFormatError(f"{name}: not a safetensors file")
+    raise LoraFormatError(f"{name}: not a safetensors file")
 
 
 def _split_suffix(key: str) -> Tuple[str, str]:
@@ -230,11 +231,14 @@ def load_lora(path: str, weight: float = 1.0, name: Optional[str] = None) -> Lor
     if not os.path.isfile(path):
         raise LoraFormatError(f"LoRA file not found: {path}")
     check_safetensors(path)
-    with open(path, "rb") as f:
-        header_len = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(header_len))
+    try:
+        with open(path, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(header_len))
+        tensors = load_file(path, device="cpu")
+    except Exception as err:                       # a damaged or truncated file: say so, never half-load it
+        raise LoraFormatError(f"{os.path.basename(path)}: not a readable safetensors file ({err})") from err
     metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
-    tensors = load_file(path, device="cpu")
     unit, unsupported = parse_state_dict(tensors)
     label = name or os.path.splitext(os.path.basename(path))[0]
     if not unit and not unsupported:

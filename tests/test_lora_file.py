@@ -239,3 +239,25 @@ def test_lorafile_built_by_a_host_at_a_weight(tmp_path):
     delta = LayerDelta(down=torch.ones(1, 2), up=torch.ones(3, 1), scale=0.5)
     lora = LoraFile(name="h", path="", sha256="0" * 64, metadata={}, layers={LayerKey("unet", "a"): delta}, weight=0.5)
     assert lora.with_weight(2.0).layers[LayerKey("unet", "a")].scale == 2.0
+
+
+def test_header_length_bytes_that_look_like_pickle_opcodes_still_load(tmp_path):
+    # the u64 header length may start with 0x80 (pickle's PROTO opcode): only the structure decides
+    tensors = {"lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 3, 3),
+               "lora_unet_conv_in.lora_up.weight": torch.ones(32, 2, 1, 1)}
+    path = tmp_path / "h80.safetensors"
+    for pad in range(256):
+        save_file(tensors, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert load_lora(path).layers[LayerKey("unet", "conv_in")].rank == 2
+
+
+def test_truncated_file_is_a_clear_error(tmp_path, sd15_unet):
+    path = tmp_path / "t.safetensors"
+    write_kohya_lora(sd15_unet, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(LoraFormatError, match="not a readable safetensors file"):
+        load_lora(path)
