@@ -1,0 +1,57 @@
+"""Stand-in of modules/scripts.py (v1.10.1): the Script base (:52-348) and the parts of ScriptRunner (:542-1025)
+that run always-on scripts: each hook gets `p.script_args[args_from:args_to]` positionally; exceptions in hooks
+are reported, not raised (:820-996).
+"""
+import traceback
+
+AlwaysVisible = object()
+
+
+class Script:
+    args_from = None
+    args_to = None
+    alwayson = False
+    is_txt2img = False
+    is_img2img = False
+    infotext_fields = None
+    paste_field_names = None
+
+    def title(self):
+        raise NotImplementedError()
+
+    def ui(self, is_img2img):
+        pass
+
+    def show(self, is_img2img):
+        return True
+
+    def process(self, p, *args):
+        pass
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        pass
+
+    def postprocess(self, p, processed, *args):
+        pass
+
+
+class ScriptRunner:
+    def __init__(self, scripts):
+        self.alwayson_scripts = list(scripts)
+        self.errors = []
+
+    def _each(self, name, p, *extra, **kwargs):
+        for s in self.alwayson_scripts:
+            try:
+                getattr(s, name)(p, *extra, *p.script_args[s.args_from:s.args_to], **kwargs)
+            except Exception:
+                self.errors.append(traceback.format_exc())
+
+    def process(self, p):
+        self._each("process", p)
+
+    def process_before_every_sampling(self, p, **kwargs):
+        self._each("process_before_every_sampling", p, **kwargs)
+
+    def postprocess(self, p, processed):
+        self._each("postprocess", p, processed)
