@@ -55,7 +55,8 @@ SUFFIXES: Tuple[Tuple[str, str], ...] = (
     (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_mid.weight", "mid"),
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),
-    (".dora_scale", "dora"), (".alpha", "alpha"),
+    (".dora_scale", "dora"), (".lora_magnitude_vector.weight", "dora"), (".lora_magnitude_vector", "dora"),
+    (".alpha", "alpha"),
 )
 # Last key segment of formats without a low-rank form (LyCORIS and others) -> the name shown to the user.
 OTHER_FORMATS: Tuple[Tuple[str, str], ...] = (
@@ -72,6 +73,7 @@ class LoraFile:
     """One LoRA file, parsed once: its layers as `LayerDelta`s at user weight `weight`.
 
     `layers`: LayerKey -> LayerDelta with scale = alpha / rank * weight. `unsupported`: LayerKey -> reason.
+    `unit_layers`: the same at weight 1 (what `with_weight` scales). `duplicates`: ignored second spellings.
     `sha256` is the whole file's hex digest; `shorthash` its first 12 characters (A1111's convention).
     `base_model`: "sd15", "sd2", "sdxl" or "unknown", guessed from metadata, then from keys and shapes.
     """
@@ -85,6 +87,7 @@ class LoraFile:
     base_model: str = "unknown"
     weight: float = 1.0
     unit_layers: Dict[LayerKey, LayerDelta] = field(default_factory=dict, repr=False)
+    duplicates: List[str] = field(default_factory=list)   # second spellings of a layer, ignored
 
     def __post_init__(self):
         if not self.unit_layers:
@@ -155,13 +158,14 @@ def layer_key(stem: str) -> LayerKey:
         group = {"unet": "unet", "te": "te1"}.get(m.group(1), m.group(1))
         return LayerKey(group, m.group(2))
     group = "unet"
-    for prefix in ("base_model.model.",):
-        if stem.startswith(prefix):
-            stem = stem[len(prefix):]
+    if stem.startswith("base_model.model."):       # PEFT's own save format
+        stem = stem[len("base_model.model."):]
     for prefix, g in DOTTED_PREFIXES:
         if stem.startswith(prefix):
             group, stem = g, stem[len(prefix):]
             break
+    while group == "unet" and stem.startswith("unet."):  # some trainers save "unet.unet."
+        stem = stem[len("unet."):]
     if ".processor." in stem:                      # attn1.processor.to_q -> attn1.to_q, to_out -> to_out.0
         stem = stem.replace(".processor.", ".")
         if stem.endswith(".to_out"):
@@ -179,21 +183,32 @@ def _delta(parts: Dict[str, torch.Tensor], weight: float) -> LayerDelta:
 
 
 def parse_state_dict(tensors: Dict[str, torch.Tensor]):
-    """Group tensors by layer -> (layers at weight 1, unsupported reasons)."""
-    grouped: Dict[LayerKey, Dict[str, torch.Tensor]] = {}
-    unsupported: Dict[LayerKey, str] = {}
-    for key, tensor in tensors.items():
+    """Group tensors by layer -> (layers at weight 1, unsupported reasons, duplicate stems ignored).
+
+    Two spellings of one layer in one file (kohya and PEFT stems naming the same module) are never mixed:
+    the first stem in key order wins, the others are listed as duplicates.
+    """
+    by_stem: Dict[str, Dict[str, torch.Tensor]] = {}
+    other: Dict[str, str] = {}
+    for key in sorted(tensors):
         stem, role = _split_suffix(key)
-        lk = layer_key(stem)
         if role.startswith("other:"):
-            unsupported[lk] = f"{role[6:]} keys ({key}) have no low-rank form; the host's own loader handles them"
-            continue
-        grouped.setdefault(lk, {})[role] = tensor
+            other.setdefault(stem, f"{role[6:]} keys ({key}) have no low-rank form; the host's own loader handles them")
+        else:
+            by_stem.setdefault(stem, {})[role] = tensors[key]
     layers: Dict[LayerKey, LayerDelta] = {}
-    for lk, parts in grouped.items():
-        if lk in unsupported:
+    unsupported: Dict[LayerKey, str] = {}
+    duplicates: List[str] = []
+    owner: Dict[LayerKey, str] = {}
+    for stem in sorted(set(by_stem) | set(other)):
+        lk = layer_key(stem)
+        if owner.setdefault(lk, stem) != stem:
+            duplicates.append(stem)
             continue
-        if "dora" in parts:
+        parts = by_stem.get(stem, {})
+        if stem in other:
+            unsupported[lk] = other[stem]
+        elif "dora" in parts:
             unsupported[lk] = "DoRA (dora_scale) needs the base weight; the host's own loader handles it"
         elif "down" not in parts or "up" not in parts:
             unsupported[lk] = f"incomplete LoRA layer (has {sorted(parts)}, needs down and up)"
@@ -201,7 +216,7 @@ def parse_state_dict(tensors: Dict[str, torch.Tensor]):
             unsupported[lk] = f"rank mismatch: down {tuple(parts['down'].shape)}, up {tuple(parts['up'].shape)}"
         else:
             layers[lk] = _delta(parts, 1.0)
-    return layers, unsupported
+    return layers, unsupported, duplicates
 
 
 def guess_base_model(metadata: Dict[str, str], layers: Dict[LayerKey, LayerDelta]) -> str:
@@ -239,11 +254,11 @@ def load_lora(path: str, weight: float = 1.0, name: Optional[str] = None) -> Lor
     except Exception as err:                       # a damaged or truncated file: say so, never half-load it
         raise LoraFormatError(f"{os.path.basename(path)}: not a readable safetensors file ({err})") from err
     metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
-    unit, unsupported = parse_state_dict(tensors)
+    unit, unsupported, duplicates = parse_state_dict(tensors)
     label = name or os.path.splitext(os.path.basename(path))[0]
     if not unit and not unsupported:
         raise LoraFormatError(f"{label}: no LoRA keys found in {os.path.basename(path)}")
     lora = LoraFile(name=label, path=path, sha256=file_sha256(path), metadata=metadata, layers=unit,
                     unsupported=unsupported, base_model=guess_base_model(metadata, unit), weight=1.0,
-                    unit_layers=unit)
+                    unit_layers=unit, duplicates=duplicates)
     return lora if weight == 1.0 else lora.with_weight(weight)

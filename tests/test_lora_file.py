@@ -113,6 +113,7 @@ def test_layer_key_normalisation():
     assert layer_key("unet.mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_out") == \
         ("unet", "mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0")
     assert layer_key("diffusion_model.input_blocks.4.1.proj_in") == ("unet", "input_blocks_4_1_proj_in")
+    assert layer_key("unet.unet.conv_in") == ("unet", "conv_in")
 
 
 def test_dense_weight_of_locon_and_cp_matches_loop_reference(tmp_path, sd15_unet):
@@ -161,6 +162,17 @@ def test_base_model_from_context_width(tmp_path):
     assert load_lora(tmp_path / "w.safetensors").base_model == "sd15"
 
 
+def test_two_spellings_of_one_layer_in_one_file_keep_the_first(tmp_path):
+    kohya = "lora_unet_conv_in"
+    tensors = {f"{kohya}.lora_down.weight": torch.ones(2, 4, 3, 3), f"{kohya}.lora_up.weight": torch.ones(32, 2, 1, 1),
+               "unet.conv_in.lora_A.weight": torch.zeros(3, 4, 3, 3), "unet.conv_in.lora_B.weight": torch.zeros(32, 3, 1, 1)}
+    save_file(tensors, str(tmp_path / "two.safetensors"))
+    lora = load_lora(tmp_path / "two.safetensors")
+    first = sorted(["lora_unet_conv_in", "unet.conv_in"])[0]
+    assert lora.layers[LayerKey("unet", "conv_in")].rank == (2 if first == kohya else 3)
+    assert lora.duplicates == [sorted(["lora_unet_conv_in", "unet.conv_in"])[1]]
+
+
 def test_with_weight_is_absolute_and_shares_tensors(tmp_path, sd15_unet):
     write_kohya_lora(sd15_unet, tmp_path / "w.safetensors", alpha=2.0)
     lora = load_lora(tmp_path / "w.safetensors", 0.5)
@@ -178,6 +190,10 @@ def test_dora_and_lycoris_layers_are_recorded_unsupported(tmp_path, sd15_unet):
     tensors = load_file(str(path))
     dora = "lora_unet_down_blocks_0_attentions_0_proj_in"
     tensors[f"{dora}.dora_scale"] = torch.ones(1, 32)
+    peft_dora = "unet.down_blocks.3.resnets.0.conv1"
+    tensors[f"{peft_dora}.lora_A.weight"] = torch.ones(2, 64, 3, 3)
+    tensors[f"{peft_dora}.lora_B.weight"] = torch.ones(64, 2, 1, 1)
+    tensors[f"{peft_dora}.lora_magnitude_vector"] = torch.ones(64)
     loha = "lora_unet_up_blocks_3_attentions_2_proj_out"
     for k in ("lora_down.weight", "lora_up.weight", "alpha"):
         tensors.pop(f"{loha}.{k}")
@@ -187,8 +203,9 @@ def test_dora_and_lycoris_layers_are_recorded_unsupported(tmp_path, sd15_unet):
     lora = load_lora(path)
     assert "DoRA" in lora.unsupported[LayerKey("unet", dora[10:])]
     assert "LoHa" in lora.unsupported[LayerKey("unet", loha[10:])]
+    assert "DoRA" in lora.unsupported[LayerKey("unet", "down_blocks_3_resnets_0_conv1")]
     assert LayerKey("unet", dora[10:]) not in lora.layers and LayerKey("unet", loha[10:]) not in lora.layers
-    assert len(lora.layers) == len({k.rsplit(".", 2)[0] for k in tensors}) - 2
+    assert len(lora.layers) == len({k.rsplit(".", 2)[0] for k in tensors if k.startswith("lora_")}) - 2
 
 
 def test_pickles_are_refused_and_never_unpickled(tmp_path):

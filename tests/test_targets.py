@@ -184,3 +184,11 @@ def test_host_name_maps(tmp_path, sd15_unet):
     plain = resolve_targets(sd15_unet, lora, None, name_map=lambda key: "conv_in" if key.name == "conv_in" else None)
     assert [(t.name, t.module) for t in plain.targets] == [("conv_in", sd15_unet.conv_in)]   # model.get_submodule
     assert plain.reports["subject"].unmatched == [f"unet:{ATTN.replace('.', '_')}"]
+
+
+def test_lora_with_only_unsupported_layers_has_nothing_to_apply(tmp_path, sd15_unet):
+    stem = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{stem}.lora_down.weight": torch.ones(2, 32, 1, 1), f"{stem}.lora_up.weight": torch.ones(32, 2, 1, 1),
+               f"{stem}.dora_scale": torch.ones(32, 1, 1, 1)}, str(tmp_path / "dora.safetensors"))
+    with pytest.raises(LoraMatchError, match="nothing to apply.*DoRA"):
+        resolve_targets(sd15_unet, load_lora(tmp_path / "dora.safetensors"), None)
