@@ -205,7 +205,7 @@ class A1111Host:
 
     # ------------------------------------------------------------------ messages and gallery
     def report(self, p: Any, message: str) -> None:
-        print(message, file=sys.stderr)
+        """p.comment -> the UI's info box; extra_generation_params -> infotext and API info (the log has it already)."""
         if hasattr(p, "comment"):
             p.comment(message)
         params = getattr(p, "extra_generation_params", None)

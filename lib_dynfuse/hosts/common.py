@@ -122,24 +122,15 @@ def check_base(lora: HostLora, model_base: str) -> None:
 
 def check_shapes(lora: HostLora) -> None:
     """Refuse a LoRA whose deltas do not fit the layers they matched (a LoRA for another architecture)."""
-    bad = [name for name, layer in lora.layers.items() if not delta_fits(layer.delta, layer.module)]
+    from ..targets import shape_problem
+    bad = [(name, problem) for name, layer in lora.layers.items()
+           for problem in [shape_problem(layer.delta, layer.module.weight)] if problem]
     if bad:
         raise FuseInputError(f"DynFuse: LoRA {lora.name!r} does not fit the loaded model "
-                             f"({len(bad)} of {len(lora.layers)} layers have other shapes, e.g. {bad[0]}); "
-                             "is it for another base model?")
+                             f"({len(bad)} of {len(lora.layers)} layers have other shapes, e.g. {bad[0][0]}: "
+                             f"{bad[0][1]}); is it for another base model?")
     if not lora.layers:
         raise FuseInputError(f"DynFuse: LoRA {lora.name!r} changes no layer of the loaded model")
-
-
-def delta_fits(delta: LayerDelta, module: torch.nn.Module) -> bool:
-    """Does dW have the layer's weight shape (output channels restricted to `out_slice`)?"""
-    weight = getattr(module, "weight", None)
-    if weight is None:
-        return False
-    out = delta.out_slice[1] if delta.out_slice is not None else weight.shape[0]
-    if delta.dense is not None:
-        return delta.dense.numel() == out * weight[0].numel()
-    return int(delta.up.shape[0]) == out and int(delta.down.shape[1]) == int(weight.shape[1])
 
 
 def pair_targets(subject: HostLora, style: HostLora, subject_weight: float, style_weight: float,
@@ -197,12 +188,14 @@ class FuseRun:
             try:
                 self.ui_args = parse_ui_values(ui_values)
             except ArgsError as e:
-                self.messages.append(str(e))
+                self.messages.append(f"{e} - the image was generated without fusion")
+                log.warning("%s", self.messages[-1])
         self.args: FuseArgs = self.ui_args
         self.rows = RowCursor()
         self.step: Tuple[int, int] = (0, 1)
         self._loaded: Dict[Tuple, Any] = {}     # (subject, style, weights, te) -> (targets, hashes) or error text
-        self._sessions: List[Any] = []
+        self._session_cache: Dict[Tuple, Any] = {}
+        self._last_unet: Any = None
         self._active: List[Any] = []
         self.hashes: Dict[str, str] = {}
         self.fused_names: Tuple[str, ...] = ()
@@ -308,6 +301,22 @@ class FuseRun:
                           "through the fusion (the <lora> tag is ignored)", p)
 
     # ------------------------------------------------------------------ hooks
+    def _session(self, group: str, targets: List[FuseTarget]):
+        """One FuseSession per (settings, group) for the whole generation, so its record spans every scope."""
+        from ..session import FuseSession  # the engine; imported here so hosts load without it
+        a = self.args
+        key = (self._key(), a.method, a.criterion, a.klora_alpha, a.klora_beta, a.klora_scale, group)
+        session = self._session_cache.get(key)
+        if session is None:
+            klora_key = None
+            if self.hashes.get("subject") and self.hashes.get("style"):
+                klora_key = (self.hashes["subject"], a.subject_weight, self.hashes["style"], a.style_weight)
+            session = FuseSession(targets, method=a.method, criterion=a.criterion, klora_alpha=a.klora_alpha,
+                                  klora_beta=a.klora_beta, klora_scale=a.klora_scale, record=(group == "unet"),
+                                  te_mode=a.text_encoder, klora_key=klora_key)
+            self._session_cache[key] = session
+        return session
+
     @contextlib.contextmanager
     def scope(self, p: Any, group: str) -> Iterator[Optional[Any]]:
         """Hooks on the layers of `group` for the duration of the block; removed whatever happens."""
@@ -320,15 +329,8 @@ class FuseRun:
         if not chosen:
             yield None
             return
-        from ..session import FuseSession  # the engine; imported here so hosts load without it
-        a = self.args
-        session = FuseSession(chosen, method=a.method, criterion=a.criterion, klora_alpha=a.klora_alpha,
-                              klora_beta=a.klora_beta, klora_scale=a.klora_scale, record=(group == "unet"),
-                              te_mode=a.text_encoder)
-        if group == "te":
-            session.set_step(0, 1)
-        else:
-            session.set_step(*self.step)
+        session = self._session(group, chosen)
+        session.set_step(*((0, 1) if group == "te" else self.step))
         self._active.append(session)
         try:
             with session:
@@ -336,7 +338,7 @@ class FuseRun:
         finally:
             self._active.remove(session)
             if group == "unet":
-                self._sessions.append(session)
+                self._last_unet = session
 
     def set_step(self, step: int, total: int) -> None:
         """Denoising progress from the host's own counters (0-based call index, expected number of calls)."""
@@ -358,16 +360,14 @@ class FuseRun:
         return self.args.infotext({k: v for k, v in self.hashes.items() if v})
 
     def heatmap(self):
-        """The selection heat-map of the last sampling scope, when asked for and recorded."""
-        if not self.enabled or not self.args.heatmap:
+        """The selection heat-map of the generation's sampling, when asked for and something was recorded."""
+        if not self.enabled or not self.args.heatmap or self._last_unet is None:
             return None
-        for session in reversed(self._sessions):
-            try:
-                return session.heatmap()
-            except Exception as e:  # nothing recorded (e.g. interrupted before the first step)
-                log.info("DynFuse: no heat-map: %s", e)
-                return None
-        return None
+        try:
+            return self._last_unet.heatmap(title=f"DynFuse {self.args.method}: {self.args.subject} vs {self.args.style}")
+        except Exception as e:  # nothing recorded (e.g. interrupted before the first step)
+            log.info("DynFuse: no heat-map: %s", e)
+            return None
 
 
 def infotext_field_value(params: Dict[str, Any], name: str) -> Any:
