@@ -1,0 +1,324 @@
+"""Opt-in end-to-end tests: drive a running WebUI (AUTOMATIC1111 v1.10 or Forge) with this extension over HTTP.
+
+Skipped unless `DYNFUSE_WEBUI_URL` gives the WebUI's base URL (e.g. `http://127.0.0.1:7861`). The WebUI must run
+with `--api` and have this project installed as an extension; a small SD1.5 checkpoint makes the run fast (the
+requests use 64x64 images and 2 steps). LoRA names (files in the host's Lora folder), with their defaults:
+
+    DYNFUSE_LIVE_SUBJECT  dyn_subject   a subject LoRA for the loaded checkpoint (non-zero weights)
+    DYNFUSE_LIVE_STYLE    dyn_style     a style LoRA for the loaded checkpoint (non-zero weights)
+    DYNFUSE_LIVE_ZERO     dyn_zero      a LoRA whose weights are all zero (same layers as the style LoRA)
+    DYNFUSE_LIVE_SDXL     dyn_sdxl      an SDXL LoRA (wrong base model for an SD1.5 checkpoint)
+    DYNFUSE_LIVE_BROKEN   dyn_broken    a .safetensors file that does not parse
+
+Run: `DYNFUSE_WEBUI_URL=http://127.0.0.1:7861 .venv/bin/python -m pytest -q tests/live`.
+
+Tolerances: the host's builtin Lora merges W + dW into the weights, while DynFuse adds the LoRA's output in low
+rank (W x + up(down(x))); both are exact maths but round differently, so `<dynlora:A:zero>` matches
+`<lora:A:1>` within MERGE_TOLERANCE (mean |diff| over pixels, 0..255). With the builtin's functional mode
+(`lora_functional`, A1111 only) the builtin also adds the low-rank output, and the images are compared exactly.
+Everything else here (extension off, repeated requests, plain images after fused ones) is compared bit-exactly.
+Only the standard library talks HTTP; the images are decoded with Pillow and NumPy (test requirements).
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lib_dynfuse.args import CRITERIA, METHODS, FuseArgs
+
+URL = os.environ.get("DYNFUSE_WEBUI_URL", "").rstrip("/")
+SUBJECT = os.environ.get("DYNFUSE_LIVE_SUBJECT", "dyn_subject")
+STYLE = os.environ.get("DYNFUSE_LIVE_STYLE", "dyn_style")
+ZERO = os.environ.get("DYNFUSE_LIVE_ZERO", "dyn_zero")
+SDXL = os.environ.get("DYNFUSE_LIVE_SDXL", "dyn_sdxl")
+BROKEN = os.environ.get("DYNFUSE_LIVE_BROKEN", "dyn_broken")
+SCRIPT_KEY = "dynfuse"            # alwayson_scripts key; the host matches the title "DynFuse" case-insensitively
+INFOTEXT_KEY = "DynFuse"
+MERGE_TOLERANCE = 1.0             # mean |pixel diff| (0..255) between merged-weight and low-rank LoRA application
+TIMEOUT = 600
+
+pytestmark = pytest.mark.skipif(not URL, reason="set DYNFUSE_WEBUI_URL to the URL of a running WebUI to run these")
+
+PROMPT = "a photo of a cat"
+BASE = dict(prompt=PROMPT, negative_prompt="", seed=1234, steps=2, width=64, height=64, cfg_scale=7.0,
+            sampler_name="Euler", batch_size=1, n_iter=1, send_images=True, save_images=False)
+
+
+# ----------------------------------------------------------------------------- HTTP (standard library only)
+def call(method: str, path: str, body: Any = None) -> Tuple[int, Any]:
+    """One request; returns (status, parsed JSON or text) and never raises for an HTTP error status."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(URL + path, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def ok(method: str, path: str, body: Any = None) -> Any:
+    status, out = call(method, path, body)
+    assert status == 200, f"{method} {path} answered {status}: {str(out)[:2000]}"
+    return out
+
+
+@dataclasses.dataclass
+class Result:
+    image: np.ndarray               # first image, RGB uint8
+    images: List[np.ndarray]
+    info: Dict[str, Any]            # the parsed `info` JSON
+    png_b64: str
+
+    @property
+    def params(self) -> Dict[str, Any]:
+        return self.info.get("extra_generation_params") or {}
+
+    def messages(self) -> List[str]:
+        """The extension's user-facing messages: values of DynFuse* keys of the generation parameters."""
+        return [str(v) for k, v in self.params.items() if k.lower().startswith("dynfuse") and k != INFOTEXT_KEY]
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64.split(",", 1)[-1]))).convert("RGB"))
+
+
+def txt2img(prompt: str = PROMPT, fuse: Optional[List[Any]] = None, **overrides) -> Result:
+    body = dict(BASE, prompt=prompt, **overrides)
+    if fuse is not None:
+        body["alwayson_scripts"] = {SCRIPT_KEY: {"args": fuse}}
+    out = ok("POST", "/sdapi/v1/txt2img", body)
+    images = [decode(b) for b in out["images"]]
+    return Result(images[0], images, json.loads(out["info"]), out["images"][0])
+
+
+def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int32) - b.astype(np.int32)).mean())
+
+
+def named(**kw) -> List[Dict[str, Any]]:
+    """The API's named form: one dict of FuseArgs fields."""
+    return [dict(kw)]
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def plain() -> Result:
+    """The host's own image for the base request (no alwayson_scripts, no tags)."""
+    return txt2img()
+
+
+@pytest.fixture(scope="module")
+def subject_lora() -> Result:
+    return txt2img(f"{PROMPT} <lora:{SUBJECT}:1>")
+
+
+@pytest.fixture()
+def functional_mode():
+    """Turn the builtin Lora's functional mode on for one test and restore the previous value."""
+    options = ok("GET", "/sdapi/v1/options")
+    if "lora_functional" not in options:
+        pytest.skip("this host has no lora_functional option (Forge)")
+    before = options["lora_functional"]
+    ok("POST", "/sdapi/v1/options", {"lora_functional": True})
+    try:
+        yield
+    finally:
+        ok("POST", "/sdapi/v1/options", {"lora_functional": before})
+
+
+# ----------------------------------------------------------------------------- the host itself
+def test_host_is_deterministic_and_lora_changes_the_image(plain, subject_lora):
+    """Preconditions of every comparison below: same seed = same pixels; the subject LoRA does something."""
+    assert np.array_equal(txt2img().image, plain.image)
+    assert mean_abs_diff(subject_lora.image, plain.image) > 5.0
+
+
+# ----------------------------------------------------------------------------- routes
+def test_info_route_describes_version_methods_criteria_defaults():
+    info = ok("GET", "/dynfuse/v1/info")
+    assert isinstance(info["version"], str) and info["version"]
+    assert list(info["methods"]) == list(METHODS)
+    assert list(info["criteria"]) == list(CRITERIA)
+    defaults = FuseArgs()
+    expected = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(FuseArgs)}
+    assert info["defaults"] == expected
+
+
+def test_script_info_lists_the_fields_in_order():
+    scripts = ok("GET", "/sdapi/v1/script-info")
+    ours = [s for s in scripts if s["name"] == SCRIPT_KEY and not s["is_img2img"]]
+    assert len(ours) == 1, [s["name"] for s in scripts]
+    assert ours[0]["is_alwayson"] is True
+    args = ours[0]["args"]
+    shown = [f for f in dataclasses.fields(FuseArgs) if not f.metadata["api_only"]]
+    assert [a["label"] for a in args] == [f.metadata["label"] for f in shown]
+    by_label = {a["label"]: a for a in args}
+    defaults = FuseArgs()
+    for f in shown:
+        arg = by_label[f.metadata["label"]]
+        if f.metadata["choices"]:
+            assert arg["choices"] == list(f.metadata["choices"]), f.name
+        if f.metadata["minimum"] is not None:
+            assert (arg["minimum"], arg["maximum"]) == (f.metadata["minimum"], f.metadata["maximum"]), f.name
+        if f.metadata["ui"] != "image" and f.metadata["ui"] != "lora":
+            assert arg["value"] == getattr(defaults, f.name), f.name
+    lora_choices = by_label[FuseArgs.__dataclass_fields__["subject"].metadata["label"]]["choices"]
+    assert SUBJECT in lora_choices and STYLE in lora_choices
+
+
+# ----------------------------------------------------------------------------- extension off = the host's image
+def test_extension_off_gives_the_host_image(plain):
+    assert np.array_equal(txt2img(fuse=[False]).image, plain.image)
+    assert np.array_equal(txt2img(fuse=[False, SUBJECT, STYLE]).image, plain.image)
+    off = txt2img(fuse=named(enabled=False, subject=SUBJECT, style=STYLE, method="merge"))
+    assert np.array_equal(off.image, plain.image)
+    assert INFOTEXT_KEY not in off.params
+
+
+# ----------------------------------------------------------------------------- zero style LoRA = the subject LoRA alone
+def test_zero_style_matches_builtin_lora_within_rounding(plain, subject_lora):
+    fused = txt2img(f"{PROMPT} <dynlora:{SUBJECT}:{ZERO}>")
+    assert fused.messages() == []
+    assert mean_abs_diff(fused.image, subject_lora.image) <= MERGE_TOLERANCE
+    assert mean_abs_diff(fused.image, plain.image) > 5.0
+
+
+def test_zero_style_matches_builtin_functional_lora_exactly(functional_mode):
+    reference = txt2img(f"{PROMPT} <lora:{SUBJECT}:1>")
+    fused = txt2img(f"{PROMPT} <dynlora:{SUBJECT}:{ZERO}>")
+    assert fused.messages() == []
+    assert np.array_equal(fused.image, reference.image), mean_abs_diff(fused.image, reference.image)
+
+
+def test_zero_subject_with_merge_matches_style_lora(functional_mode):
+    """merge = w_c dW_c + w_s dW_s: with a zero subject it is the style LoRA alone."""
+    reference = txt2img(f"{PROMPT} <lora:{STYLE}:1>")
+    fused = txt2img(fuse=named(enabled=True, subject=ZERO, style=STYLE, method="merge"))
+    assert fused.messages() == []
+    assert np.array_equal(fused.image, reference.image), mean_abs_diff(fused.image, reference.image)
+
+
+# ----------------------------------------------------------------------------- API forms
+def test_named_dict_form_equals_tag_and_positional_forms(plain):
+    by_tag = txt2img(f"{PROMPT} <dynlora:{SUBJECT}:{STYLE}>")
+    by_name = txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE, method="dynamic"))
+    by_position = txt2img(fuse=[True, SUBJECT, STYLE, 1.0, 1.0, "dynamic"])
+    assert by_name.messages() == []
+    assert np.array_equal(by_name.image, by_tag.image)
+    assert np.array_equal(by_position.image, by_name.image)
+    assert mean_abs_diff(by_name.image, plain.image) > 5.0
+    assert INFOTEXT_KEY in by_name.params
+
+
+def test_methods_give_different_images():
+    images = {m: txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE, method=m)) for m in METHODS}
+    for r in images.values():
+        assert r.messages() == []
+    assert mean_abs_diff(images["dynamic"].image, images["merge"].image) > 0.5
+    assert mean_abs_diff(images["klora"].image, images["merge"].image) > 0.5
+
+
+def test_tag_items_override_the_ui_values():
+    by_tag = txt2img(f"{PROMPT} <dynlora:{SUBJECT}:{STYLE}:method=merge:ws=0.5>")
+    by_name = txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE, method="merge", style_weight=0.5))
+    assert by_tag.messages() == []
+    assert np.array_equal(by_tag.image, by_name.image)
+
+
+# ----------------------------------------------------------------------------- infotext round trip
+def test_infotext_round_trip_reproduces_the_image():
+    asked = FuseArgs(enabled=True, subject=SUBJECT, style=STYLE, method="klora", klora_alpha=2.0,
+                     klora_scale="star", style_weight=0.8)
+    first = txt2img(fuse=named(**{k: v for k, v in dataclasses.asdict(asked).items() if v is not None}))
+    assert first.messages() == []
+    assert f"{INFOTEXT_KEY}: " in first.info["infotexts"][0]
+
+    parsed = ok("POST", "/sdapi/v1/png-info", {"image": "data:image/png;base64," + first.png_b64})
+    value = parsed["parameters"][INFOTEXT_KEY]
+    assert value == first.params[INFOTEXT_KEY]
+    restored = FuseArgs.from_infotext(value)
+    for f in dataclasses.fields(FuseArgs):
+        if f.metadata["infotext"] is not None:
+            assert getattr(restored, f.name) == getattr(asked, f.name), f.name
+
+    again = txt2img(fuse=named(**{k: v for k, v in dataclasses.asdict(restored).items() if v is not None}))
+    assert np.array_equal(again.image, first.image)
+
+
+# ----------------------------------------------------------------------------- bad input: an image and a message
+@pytest.mark.parametrize("case", ["unknown_subject", "unknown_style", "one_name", "sdxl_on_sd15", "broken_file",
+                                  "bad_method"])
+def test_bad_input_gives_the_plain_image_and_a_message(case, plain):
+    prompt, fuse, needle = PROMPT, None, None
+    if case == "unknown_subject":
+        fuse, needle = named(enabled=True, subject="no_such_lora_x", style=STYLE), "no_such_lora_x"
+    elif case == "unknown_style":
+        prompt, needle = f"{PROMPT} <dynlora:{SUBJECT}:no_such_lora_y>", "no_such_lora_y"
+    elif case == "one_name":
+        prompt, needle = f"{PROMPT} <dynlora:{SUBJECT}>", "two"
+    elif case == "sdxl_on_sd15":
+        prompt, needle = f"{PROMPT} <dynlora:{SUBJECT}:{SDXL}>", SDXL
+    elif case == "broken_file":
+        fuse, needle = named(enabled=True, subject=SUBJECT, style=BROKEN), BROKEN
+    elif case == "bad_method":
+        fuse, needle = named(enabled=True, subject=SUBJECT, style=STYLE, method="nope"), "method"
+    status, out = call("POST", "/sdapi/v1/txt2img", dict(BASE, prompt=prompt,
+                       **({"alwayson_scripts": {SCRIPT_KEY: {"args": fuse}}} if fuse else {})))
+    assert status == 200, f"{case}: {status} {str(out)[:2000]}"
+    result = Result(decode(out["images"][0]), [], json.loads(out["info"]), out["images"][0])
+    messages = result.messages()
+    assert any(needle in m for m in messages), f"{case}: no message naming {needle!r} in {result.params}"
+    assert np.array_equal(result.image, plain.image), f"{case}: image differs from the plain one"
+
+
+# ----------------------------------------------------------------------------- the model is restored
+def test_plain_image_unchanged_after_fused_runs(plain):
+    for method in METHODS:
+        txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE, method=method, heatmap=True))
+    txt2img(f"{PROMPT} <lora:{STYLE}:0.7> <dynlora:{SUBJECT}:{STYLE}:te=merge>")
+    assert np.array_equal(txt2img().image, plain.image)
+    assert np.array_equal(txt2img(f"{PROMPT} <lora:{SUBJECT}:1>").image,
+                          txt2img(f"{PROMPT} <lora:{SUBJECT}:1>").image)
+
+
+def test_plain_image_unchanged_after_an_interrupted_fused_run(plain):
+    done: Dict[str, Any] = {}
+
+    def long_run():
+        done["result"] = call("POST", "/sdapi/v1/txt2img", dict(
+            BASE, steps=150, alwayson_scripts={SCRIPT_KEY: {"args": named(enabled=True, subject=SUBJECT, style=STYLE)}}))
+
+    worker = threading.Thread(target=long_run, daemon=True)
+    worker.start()
+    deadline = time.time() + 120
+    started = False
+    while time.time() < deadline and worker.is_alive():
+        progress = ok("GET", "/sdapi/v1/progress?skip_current_image=true")
+        if progress["state"].get("sampling_step", 0) >= 2:
+            started = True
+            break
+        time.sleep(0.05)
+    assert started, "the long run never reached step 2"
+    ok("POST", "/sdapi/v1/interrupt")
+    worker.join(timeout=TIMEOUT)
+    assert not worker.is_alive()
+    status, out = done["result"]
+    assert status == 200, str(out)[:2000]
+    assert ok("GET", "/sdapi/v1/progress?skip_current_image=true")["state"]["interrupted"] is True
+    assert np.array_equal(txt2img().image, plain.image)
