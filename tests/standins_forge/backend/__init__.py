@@ -1,0 +1,1 @@
+"""Stand-in of Forge's `backend` package (see tests/standins_forge/README.md)."""
