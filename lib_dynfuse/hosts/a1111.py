@@ -16,6 +16,7 @@ Host modules are imported inside functions only.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -184,7 +185,7 @@ class A1111Host:
                     return sample(*args, **kwargs)
                 unet = p.sd_model.model.diffusion_model
                 self.sync_builtin([t.module for t in session_targets(session)])
-                handle = unet.register_forward_pre_hook(lambda _m, a: run.set_rows(run.rows.take(_batch(a))))
+                handle = unet.register_forward_pre_hook(functools.partial(_label_rows, run))
                 try:
                     return sample(*args, **kwargs)
                 finally:
@@ -219,6 +220,11 @@ class A1111Host:
     def add_image(self, p: Any, processed: Any, image: Any, infotext: str) -> None:
         processed.images.append(image)
         processed.infotexts.append(infotext)
+
+
+def _label_rows(run: "common.FuseRun", module: torch.nn.Module, args: tuple) -> None:
+    """UNet forward pre-hook: the next rows of this denoiser call's [cond..., uncond...] layout."""
+    run.set_rows(run.rows.take(_batch(args)))
 
 
 def _batch(args: tuple) -> int:
