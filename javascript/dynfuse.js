@@ -1,0 +1,88 @@
+// DynFuse: tooltips for every control (through the WebUI's hints: `titles`, and element titles), and
+// "use as subject" / "use as style" actions on the Lora cards of the extra-networks tab.
+(function() {
+    "use strict";
+
+    let counter = 0;
+
+    function app() {
+        return typeof gradioApp === "function" ? gradioApp() : document;
+    }
+
+    // The tips come from the FuseArgs field metadata, as JSON in a hidden element of each tab's accordion.
+    function applyTips() {
+        app().querySelectorAll(".dynfuse-tips-data").forEach(function(holder) {
+            if (holder.dataset.dynfuseDone) return;
+            let tips;
+            try {
+                tips = JSON.parse(holder.dataset.tips || "{}");
+            } catch (e) {
+                return;
+            }
+            Object.keys(tips).forEach(function(id) {
+                const tip = tips[id];
+                if (typeof titles === "object" && !(tip.label in titles)) {
+                    titles[tip.label] = tip.tip; // the host's hints.js sets element titles from this table
+                }
+                const el = app().querySelector("#" + id) || app().querySelector("#" + id + "-checkbox");
+                if (el) {
+                    el.title = tip.tip;
+                    el.querySelectorAll("label, span, input, textarea").forEach(function(n) {
+                        if (!n.title) n.title = tip.tip;
+                    });
+                }
+            });
+            holder.dataset.dynfuseDone = "1";
+        });
+    }
+
+    function sendCardAction(tab, role, name) {
+        const box = app().querySelector("#dynfuse_" + tab + "_card_action textarea, #dynfuse_" + tab + "_card_action input");
+        if (!box) return;
+        counter += 1;
+        box.value = role + "\n" + name + "\n" + counter;
+        if (typeof updateInput === "function") {
+            updateInput(box);
+        } else {
+            box.dispatchEvent(new Event("input", {bubbles: true}));
+        }
+        const accordion = app().querySelector("#dynfuse_" + tab + "_enabled");
+        if (accordion) accordion.scrollIntoView({block: "nearest"});
+    }
+
+    function cardButton(tab, role, name) {
+        const button = document.createElement("div");
+        button.className = "dynfuse-card-action";
+        button.textContent = role === "subject" ? "DF subject" : "DF style";
+        button.title = "DynFuse: use this LoRA as the " + role + " LoRA (fills the DynFuse accordion and opens it)";
+        button.addEventListener("click", function(event) {
+            event.stopPropagation(); // the card's own click would add <lora:...> to the prompt
+            event.preventDefault();
+            sendCardAction(tab, role, name);
+        });
+        return button;
+    }
+
+    function addCardActions() {
+        ["txt2img", "img2img"].forEach(function(tab) {
+            if (!app().querySelector("#dynfuse_" + tab + "_card_action")) return;
+            app().querySelectorAll("#" + tab + "_lora_cards_html .card").forEach(function(card) {
+                if (card.dataset.dynfuse || !card.dataset.name) return;
+                card.dataset.dynfuse = "1";
+                const row = document.createElement("div");
+                row.className = "dynfuse-card-actions";
+                row.appendChild(cardButton(tab, "subject", card.dataset.name));
+                row.appendChild(cardButton(tab, "style", card.dataset.name));
+                card.appendChild(row);
+            });
+        });
+    }
+
+    function update() {
+        applyTips();
+        addCardActions();
+    }
+
+    if (typeof onUiLoaded === "function") onUiLoaded(update);
+    if (typeof onUiUpdate === "function") onUiUpdate(update);
+})();

@@ -1,0 +1,98 @@
+"""lib_dynfuse/hosts/ui.py with a recording gradio stand-in: controls from FuseArgs metadata, no side effects."""
+import importlib.util
+import json
+import os
+import re
+from dataclasses import fields
+from html import unescape
+
+import pytest
+
+from lib_dynfuse.args import FuseArgs
+from lib_dynfuse.hosts import ui
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture()
+def gr():
+    spec = importlib.util.spec_from_file_location("gradio_standin", os.path.join(HERE, "standins", "gradio.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def accordion_class(gr):
+    class Accordion(gr.Checkbox):       # modules/ui_components.py:88-144: a checkbox that is also a block
+        def __init__(self, value, **kwargs):
+            super().__init__(value, **kwargs)
+            self.open = value
+    return Accordion
+
+
+def build(gr, names=("a", "b"), refreshed=("a", "b", "c"), tooltip_kw=True):
+    with gr.Blocks():
+        return ui.build(gr, accordion_class(gr), "txt2img", lambda: list(names), lambda: list(refreshed),
+                        tooltip_kw=tooltip_kw)
+
+
+def test_controls_follow_fuseargs_fields(gr):
+    controls = build(gr)
+    specs = list(fields(FuseArgs))
+    assert len(controls) == len(specs)
+    defaults = FuseArgs()
+    for control, f in zip(controls, specs):
+        m = f.metadata
+        assert control.kwargs["label"] == m["label"] and control.kwargs.get("tooltip") == (
+            None if f.name == "enabled" else m["tip"])
+        assert control.elem_id == f"dynfuse_txt2img_{f.name}"
+        if m["ui"] != "image":
+            assert control.value == getattr(defaults, f.name), f.name
+        if m["choices"]:
+            assert isinstance(control, gr.Radio) and control.choices == list(m["choices"])
+        if m["minimum"] is not None:
+            assert isinstance(control, gr.Slider)
+            assert (control.minimum, control.maximum, control.step) == (m["minimum"], m["maximum"], m["step"])
+    assert controls[0].open is False                     # the accordion is off by default
+    assert controls[1].choices == ["a", "b"] and controls[2].choices == ["a", "b"]
+
+
+def test_build_is_repeatable_without_side_effects(gr):
+    first = [(type(c).__name__, c.kwargs, c.value) for c in build(gr)]
+    second = [(type(c).__name__, c.kwargs, c.value) for c in build(gr)]
+    assert first == second
+
+
+def test_no_tooltip_keyword_where_the_host_lacks_it(gr):
+    assert all("tooltip" not in c.kwargs for c in build(gr, tooltip_kw=False))
+
+
+def test_refresh_button_updates_both_dropdowns(gr):
+    controls = build(gr)
+    refresh = next(b for b in gr.created if isinstance(b, gr.Button) and "dynfuse-refresh" in b.kwargs["elem_classes"])
+    (kind, fn, inputs, outputs, _), = refresh.events
+    assert kind == "click" and outputs == [controls[1], controls[2]]
+    assert fn() == (gr.update(choices=["a", "b", "c"]), gr.update(choices=["a", "b", "c"]))
+
+
+def test_card_action_fills_one_dropdown_and_opens_the_accordion(gr):
+    controls = build(gr)
+    box = next(b for b in gr.created if getattr(b, "elem_id", None) == "dynfuse_txt2img_card_action")
+    (kind, fn, inputs, outputs, _), = box.events
+    assert outputs == [controls[1], controls[2], controls[0]]
+    assert fn("style\nmy lora\n3") == (gr.update(), gr.update(value="my lora"), gr.update(value=True))
+    assert fn("subject\nx\n1") == (gr.update(value="x"), gr.update(), gr.update(value=True))
+    assert fn("nonsense") == (gr.update(), gr.update(), gr.update())
+
+
+def test_tips_for_the_javascript_cover_every_field(gr):
+    build(gr)
+    html = next(b for b in gr.created if isinstance(b, gr.HTML)).value
+    data = json.loads(unescape(re.search(r'data-tips="([^"]*)"', html).group(1)))
+    assert set(data) == {f"dynfuse_txt2img_{f.name}" for f in fields(FuseArgs)}
+    assert data["dynfuse_txt2img_method"]["tip"] == next(f for f in fields(FuseArgs) if f.name == "method").metadata["tip"]
+
+
+def test_javascript_reads_the_same_ids():
+    js = open(os.path.join(os.path.dirname(HERE), "javascript", "dynfuse.js"), encoding="utf8").read()
+    assert "dynfuse-tips-data" in js and "_card_action" in js and "titles" in js
