@@ -7,7 +7,7 @@ requests use 64x64 images and 2 steps). LoRA names (files in the host's Lora fol
     DYNFUSE_LIVE_SUBJECT  dyn_subject   a subject LoRA for the loaded checkpoint (non-zero weights)
     DYNFUSE_LIVE_STYLE    dyn_style     a style LoRA for the loaded checkpoint (non-zero weights)
     DYNFUSE_LIVE_ZERO     dyn_zero      a LoRA whose weights are all zero (same layers as the style LoRA)
-    DYNFUSE_LIVE_SDXL     dyn_sdxl      an SDXL LoRA (wrong base model for an SD1.5 checkpoint)
+    DYNFUSE_LIVE_SDXL     dyn_sdxl      a LoRA for another base model (an SDXL LoRA when an SD1.5 checkpoint is loaded)
     DYNFUSE_LIVE_BROKEN   dyn_broken    a .safetensors file that does not parse
 
 Run: `DYNFUSE_WEBUI_URL=http://127.0.0.1:7861 .venv/bin/python -m pytest -q tests/live`.
@@ -262,8 +262,8 @@ def test_infotext_round_trip_reproduces_the_image():
 
 
 # ----------------------------------------------------------------------------- bad input: an image and a message
-@pytest.mark.parametrize("case", ["unknown_subject", "unknown_style", "one_name", "sdxl_on_sd15", "broken_file",
-                                  "bad_method"])
+@pytest.mark.parametrize("case", ["unknown_subject", "unknown_style", "one_name", "wrong_base_model", "broken_file",
+                                  "bad_method", "unknown_field", "bad_positional_type"])
 def test_bad_input_gives_the_plain_image_and_a_message(case, plain):
     prompt, fuse, needle = PROMPT, None, None
     if case == "unknown_subject":
@@ -272,12 +272,16 @@ def test_bad_input_gives_the_plain_image_and_a_message(case, plain):
         prompt, needle = f"{PROMPT} <dynlora:{SUBJECT}:no_such_lora_y>", "no_such_lora_y"
     elif case == "one_name":
         prompt, needle = f"{PROMPT} <dynlora:{SUBJECT}>", "two"
-    elif case == "sdxl_on_sd15":
+    elif case == "wrong_base_model":
         prompt, needle = f"{PROMPT} <dynlora:{SUBJECT}:{SDXL}>", SDXL
     elif case == "broken_file":
         fuse, needle = named(enabled=True, subject=SUBJECT, style=BROKEN), BROKEN
     elif case == "bad_method":
         fuse, needle = named(enabled=True, subject=SUBJECT, style=STYLE, method="nope"), "method"
+    elif case == "unknown_field":
+        fuse, needle = named(enabled=True, subject=SUBJECT, style=STYLE, no_such_field=1), "no_such_field"
+    elif case == "bad_positional_type":
+        fuse, needle = [True, SUBJECT, STYLE, "heavy"], "subject_weight"
     status, out = call("POST", "/sdapi/v1/txt2img", dict(BASE, prompt=prompt,
                        **({"alwayson_scripts": {SCRIPT_KEY: {"args": fuse}}} if fuse else {})))
     assert status == 200, f"{case}: {status} {str(out)[:2000]}"
