@@ -83,6 +83,7 @@ class FuseSession:
         self._labels: Optional[List[str]] = None
         self._cast: Dict[tuple, LayerDelta] = {}
         self._handles: list = []
+        self.resolved = None   # set by `fuse`: the targets.ResolveResult (match report, warnings)
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "FuseSession":
@@ -246,3 +247,22 @@ class FuseSession:
             record.add_rows(self._step, slot, choose, self._row_labels(y.shape[0]))
         keep = choose.reshape(-1, *([1] * (y.dim() - 1)))
         return y + torch.where(keep, d_c, d_s)
+
+
+def fuse(model: torch.nn.Module, subject, style, method: str = "dynamic", criterion: str = "kl", name_map=None,
+         text_encoders=None, **session_kwargs) -> FuseSession:
+    """Resolve two `LoraFile`s onto `model` (targets.py) and return an unopened FuseSession (use it with `with`).
+
+    session_kwargs: klora_alpha, klora_beta, klora_scale, te_mode, record. K-LoRA's weight statistics are
+    cached by the files' sha256 and weights. The resolve report is kept as `session.resolved` (its
+    `warnings` list partial matches).
+    """
+    from .targets import resolve_targets
+    resolved = resolve_targets(model, subject, style, name_map=name_map, text_encoders=text_encoders)
+    key = None
+    if getattr(subject, "sha256", None) and getattr(style, "sha256", None):
+        key = (subject.sha256, float(getattr(subject, "weight", 1.0)), style.sha256, float(getattr(style, "weight", 1.0)))
+    session_kwargs.setdefault("klora_key", key)
+    session = FuseSession(resolved.targets, method=method, criterion=criterion, **session_kwargs)
+    session.resolved = resolved
+    return session
