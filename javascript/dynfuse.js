@@ -24,13 +24,18 @@
                 if (typeof titles === "object" && !(tip.label in titles)) {
                     titles[tip.label] = tip.tip; // the host's hints.js sets element titles from this table
                 }
-                const el = app().querySelector("#" + id) || app().querySelector("#" + id + "-checkbox");
-                if (el) {
-                    el.title = tip.tip;
-                    el.querySelectorAll("label, span, input, textarea").forEach(function(n) {
-                        if (!n.title) n.title = tip.tip;
-                    });
+                const el = app().querySelector("#" + id);
+                if (!el) return;
+                if (el.classList.contains("input-accordion")) {
+                    // the accordion holds every other control: only its own header gets this tip
+                    const header = el.querySelector(".label-wrap");
+                    if (header) header.title = tip.tip;
+                    return;
                 }
+                el.title = tip.tip;
+                el.querySelectorAll("label, span, input, textarea").forEach(function(n) {
+                    if (!n.title) n.title = tip.tip;
+                });
             });
             holder.dataset.dynfuseDone = "1";
         });
