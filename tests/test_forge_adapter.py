@@ -296,8 +296,10 @@ def test_steps_come_from_the_denoiser_and_restart_with_each_hires_pass(fh, sd15_
         steps_seen.append(second.progress())
         _sample_step(fh, p, x, ctx)
     assert steps_seen == [(0, 3), (1, 3), (2, 3), (0, 2), (1, 2)]
-    assert first.calls == 3 and second.calls == 2 and second.session is not first.session
-    assert run.step == (1, 2)
+    assert first.calls == 3 and second.calls == 2 and run.step == (1, 2)
+    rec = second.session.record                         # one record per generation: both passes' steps 0, 1
+    chosen, rows = rec.counts()
+    assert rec.total_steps == 3 and rows[0, 0, 0] == 2 and rows[2, 0, 0] == 1
     assert _hook_counts(unet.model) == 0
 
 

@@ -108,7 +108,7 @@ def test_flux_fusion_through_the_wrapper_at_cfg_1(fh, tmp_path, method):
     assert host.model_base() == "flux"
     run = common.FuseRun(host, ui_args=FuseArgs(enabled=True, subject="subject", style="style", method=method))
     hooks = host.before_sampling(p, run)
-    names = [t.name for t in hooks.session.targets]
+    names = [t.name for t in run.prepare(p)]
     assert "double_blocks.0.img_attn.qkv" in names and "single_blocks.1.linear1" in names
     x, ctx = torch.randn(1, 4, 4, 4), torch.randn(1, 3, 8)
     before = {k: v.clone() for k, v in unet.model.state_dict().items()}
@@ -120,6 +120,7 @@ def test_flux_fusion_through_the_wrapper_at_cfg_1(fh, tmp_path, method):
         p.sampler.model_wrap_cfg.step += 1
         outs.append(cond)
         assert _hook_counts(unet.model) == 0
+    assert hooks.calls == 2
     rec = hooks.session.record
     assert rec.layer_names == ["double_blocks.0.img_attn.qkv"]          # the one layer both LoRAs touch
     assert not torch.isnan(rec.cond).any() and torch.isnan(rec.uncond).all()

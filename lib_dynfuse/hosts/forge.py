@@ -271,6 +271,12 @@ def drop_lora_patches(patcher: Any, filenames: Iterable[str]) -> List[str]:
     return removed
 
 
+def _has_patches_of(patcher: Any, filenames: Iterable[str]) -> bool:
+    wanted = {os.path.normcase(os.path.abspath(f)) for f in filenames if f}
+    return any(isinstance(k, tuple) and isinstance(k[0], str) and os.path.normcase(os.path.abspath(k[0])) in wanted
+               for k in getattr(patcher, "lora_patches", {}) or {})
+
+
 # ---------------------------------------------------------------------------- per-call UNet hooks
 def row_labels(cond_or_uncond: Sequence[int], rows: int) -> List[str]:
     """Per batch row 'cond'/'uncond' from Forge's chunk codes (0 cond, 1 uncond; each chunk = rows/len rows)."""
@@ -349,35 +355,36 @@ def on_device(delta: Optional[LayerDelta], device, dtype) -> Optional[LayerDelta
 
 
 class PassHooks:
-    """One sampling pass's FuseSession, opened for exactly one UNet call at a time by the wrapper.
+    """One sampling pass: `call(labels)` opens the run's UNet scope for exactly one UNet call.
 
-    `progress` gives (step, total) from the pass's denoiser; the row labels come from the call's `cond_or_uncond`.
-    The session outlives the calls (its selection record spans the pass), its hooks never do.
+    Step and total come from the pass's denoiser (`progress`), the row labels from the call's `cond_or_uncond`.
+    The run keeps one session per generation (its record spans the calls and passes); the hooks live only
+    inside `call`.
     """
 
-    def __init__(self, session: Any, progress: Callable[[], Tuple[int, int]], run: Any = None):
-        self.session = session
-        self.progress = progress
-        self.run = run
+    def __init__(self, run: Any, p: Any, progress: Callable[[], Tuple[int, int]]):
+        self.run, self.p, self.progress = run, p, progress
+        self.session = None
         self.calls = 0
 
     @contextlib.contextmanager
     def call(self, labels: List[str]):
         step, total = self.progress()
-        step = min(step, total - 1)
-        if self.run is not None:
-            self.run.set_step(step, total)
-        self.session.set_step(step, total)
-        self.session.set_row_labels(labels)
-        self.calls += 1
-        with self.session:
-            yield self.session
+        self.run.set_step(step, total)
+        with self.run.scope(self.p, "unet") as session:
+            if session is not None:
+                self.run.set_rows(labels)
+                self.session = session
+                self.calls += 1
+            yield session
 
 
 class ForgeHost:
     """HostAdapter for Stable Diffusion WebUI Forge (2.x backend), see common.py for the contract."""
 
     name = "forge"
+    # Forge's gradio shim takes `tooltip=` on every component (modules/gradio_extensions.py:135-149)
+    gradio_tooltips = True
 
     def __init__(self, api: Optional[ForgeLora] = None):
         self._api = api
@@ -427,6 +434,11 @@ class ForgeHost:
         objects = shared.sd_model.forge_objects
         clip = getattr(objects, "clip", None)
         out = parse_lora(self.api, on_disk.name, lora_sd, objects.unet.model, getattr(clip, "cond_stage_model", None))
+        device = getattr(objects.unet, "load_device", None)
+        dtype = getattr(objects.unet.model, "computation_dtype", None)
+        for layer in out.layers.values():
+            if layer.group == "unet":   # once here, not per UNet call (the session's casts live one scope)
+                layer.delta = on_device(layer.delta, device, dtype)
         out.shorthash = getattr(on_disk, "shorthash", "") or ""
         out.base = _LORA_BASES.get(getattr(getattr(on_disk, "sd_version", None), "name", "Unknown"), "unknown")
         return out
@@ -453,11 +465,12 @@ class ForgeHost:
                 continue
         objects = p.sd_model.forge_objects
         removed = set()
-        unet = objects.unet.clone()
-        removed.update(drop_lora_patches(unet, files))
-        objects.unet = unet
+        if _has_patches_of(objects.unet, files):
+            unet = objects.unet.clone()
+            removed.update(drop_lora_patches(unet, files))
+            objects.unet = unet
         clip = getattr(objects, "clip", None)
-        if clip is not None:
+        if clip is not None and _has_patches_of(clip.patcher, files):
             clip = clip.clone()
             removed.update(drop_lora_patches(clip.patcher, files))
             objects.clip = clip
@@ -485,19 +498,21 @@ class ForgeHost:
 
         p.setup_conds = setup_conds_fused
 
+    def before_every_sampling(self, p: Any, **kwargs) -> Optional[PassHooks]:
+        """Script.process_before_every_sampling(p, x=, noise=, c=, uc=) (modules/scripts.py:194-199)."""
+        run = getattr(p, common.RUN_ATTR, None)
+        if run is None or not run.enabled:
+            return None
+        return self.before_sampling(p, run)
+
     def before_sampling(self, p: Any, run: "common.FuseRun") -> Optional[PassHooks]:
-        """Script.process_before_every_sampling: this pass's session and the wrapper on a cloned UnetPatcher."""
+        """Script.process_before_every_sampling: the wrapper, for this pass, on a cloned UnetPatcher."""
         targets = run.prepare(p)
-        unet_targets = [t for t in targets or [] if t.group == "unet"]
-        if not unet_targets:
+        if not any(t.group == "unet" for t in targets or []):
             return None
         run.exclude_duplicates(p)
         self._publish(p, run)
-        patcher = p.sd_model.forge_objects.unet
-        device = getattr(patcher, "load_device", None)
-        dtype = getattr(patcher.model, "computation_dtype", None)
-        session = new_session(run, unet_targets, device, dtype)
-        hooks = PassHooks(session, denoiser_progress(getattr(p, "sampler", None)), run)
+        hooks = PassHooks(run, p, denoiser_progress(getattr(p, "sampler", None)))
         install_unet_wrapper(p.sd_model, hooks.call)
         return hooks
 
@@ -546,18 +561,3 @@ def networks_module():
     """Forge's builtin LoRA extension module (extensions-builtin/sd_forge_lora/networks.py), once loaded."""
     import networks
     return networks
-
-
-def new_session(run: Any, targets: Sequence[FuseTarget], device=None, dtype=None) -> Any:
-    """A FuseSession (not opened) over `targets` with the run's settings, as `FuseRun.scope` builds it; deltas
-    moved to the UNet's device/dtype once. Kept in the run's sessions so its heat-map is found."""
-    from ..session import FuseSession
-    a = run.args
-    moved = [FuseTarget(name=t.name, module=t.module, group=t.group, subject=on_device(t.subject, device, dtype),
-                        style=on_device(t.style, device, dtype)) for t in targets]
-    session = FuseSession(moved, method=a.method, criterion=a.criterion, klora_alpha=a.klora_alpha,
-                          klora_beta=a.klora_beta, klora_scale=a.klora_scale, record=True, te_mode=a.text_encoder)
-    sessions = getattr(run, "_sessions", None)
-    if isinstance(sessions, list):
-        sessions.append(session)
-    return session
