@@ -21,10 +21,10 @@ from lib_dynfuse.guidance.preprocess import center_crop, normalize, preprocess, 
 
 TINY_CLIP = "DynFuseTiny-ViT-8"
 TINY_CLIP_CFG = {"embed_dim": 16,
-                 "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+                 "vision_cfg": {"image_size": 24, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
                  "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
 TINY_DINO_CFG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     patch_size=8, image_size=32, qkv_bias=True)
+                     patch_size=8, image_size=24, qkv_bias=True)
 
 
 def _randomise(module, seed):
@@ -53,16 +53,16 @@ def tiny_clip_model(seed=0):
 
 
 def tiny_dino_model(seed=0):
-    """transformers ViTModel with the DINO layout (CLS token, no pooler), hidden 32, 2 layers, 32 px."""
+    """transformers ViTModel with the DINO layout (CLS token, no pooler), hidden 32, 2 layers, 24 px."""
     from transformers import ViTConfig, ViTModel
     return _randomise(ViTModel(ViTConfig(**TINY_DINO_CFG), add_pooling_layer=False), seed)
 
 
 def tiny_taesd(seed=0):
-    """diffusers AutoencoderTiny (TAESD) with 8 channels: 4x8x8 latent -> 3x64x64 image in [-1,1]."""
+    """diffusers AutoencoderTiny (TAESD) with 8 channels and 3 blocks: 4x8x8 latent -> 3x32x32 image in [-1,1]."""
     from diffusers import AutoencoderTiny
-    vae = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-                          num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4)
+    vae = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+                          num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1), latent_channels=4)
     return _randomise(vae, seed).requires_grad_(False)
 
 
@@ -127,7 +127,7 @@ def test_preprocess_passes_gradients():
 
 # ---------------------------------------------------------------------------- CLIP loading
 def _clip_reference_embedding(model, images):
-    x = preprocess(images, 32, 32, model.visual.image_mean, model.visual.image_std, "bicubic")
+    x = preprocess(images, 24, 24, model.visual.image_mean, model.visual.image_std, "bicubic")
     with torch.no_grad():
         return model.encode_image(x)
 
@@ -182,7 +182,7 @@ def test_clip_wrong_architecture_is_refused(tmp_path):
 
 # ---------------------------------------------------------------------------- DINO loading
 def _dino_reference_embedding(model, images):
-    x = preprocess(images, 32, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")
+    x = preprocess(images, 24, 24, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")
     with torch.no_grad():
         return model(pixel_values=x).last_hidden_state[:, 0]
 

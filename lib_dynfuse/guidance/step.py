@@ -81,7 +81,7 @@ def residual_grad_x0(x0_hat: torch.Tensor, decoder: Callable, scorer: MetricScor
         z = fresh_leaf(x0_hat, dtype)
         result = score_image_of_latent(z, decoder, scorer, image_range)
         (grad,) = torch.autograd.grad(result.residual.sum(), z)
-    return _detached(result), grad.to(x0_hat.dtype)
+        return _detached(result), grad.to(x0_hat.dtype)
 
 
 def residual_grad_xt(x_t: torch.Tensor, model_fn: Callable[[torch.Tensor], torch.Tensor], decoder: Callable,
@@ -94,7 +94,7 @@ def residual_grad_xt(x_t: torch.Tensor, model_fn: Callable[[torch.Tensor], torch
         z = x0 if dtype is None else x0.to(dtype)
         result = score_image_of_latent(z, decoder, scorer, image_range)
         (grad,) = torch.autograd.grad(result.residual.sum(), x)
-    return _detached(result), grad.to(x_t.dtype), x0.detach()
+        return _detached(result), grad.to(x_t.dtype), x0.detach()
 
 
 class LatentRefiner:
@@ -126,21 +126,24 @@ class LatentRefiner:
     def correct_x0(self, x0_hat: torch.Tensor) -> Tuple[torch.Tensor, CorrectionInfo]:
         """(x0-hat - m * grad_x0 R, info): the x0-space correction; hosts hand the result back as the prediction."""
         result, grad = residual_grad_x0(x0_hat, self.decoder, self.scorer, self.image_range, self.dtype)
-        return _moved(x0_hat, grad, self.scale), _info(result, grad)
+        with torch.inference_mode(False):
+            return _moved(x0_hat, grad, self.scale), _info(result, grad)
 
     def correct_xt(self, x_t: torch.Tensor, model_fn: Callable[[torch.Tensor], torch.Tensor]
                    ) -> Tuple[torch.Tensor, CorrectionInfo]:
         """(x_t - m * grad_xt R, info), grad through model_fn: x_t -> x0-hat (Eq. 20). For the exact Eq. 20
         update apply `-scale * info.grad` to the step's output x_{t-1} instead."""
         result, grad, x0 = residual_grad_xt(x_t, model_fn, self.decoder, self.scorer, self.image_range, self.dtype)
-        return _moved(x_t, grad, self.scale), _info(result, grad, x0)
+        with torch.inference_mode(False):
+            return _moved(x_t, grad, self.scale), _info(result, grad, x0)
 
     def score(self, x0_hat: torch.Tensor) -> ScoreResult:
         """R of a latent without gradient (logging, tests)."""
         with torch.inference_mode(False), torch.no_grad():
             z = x0_hat.detach().clone()
-            return _detached(score_image_of_latent(z if self.dtype is None else z.to(self.dtype), self.decoder,
-                                                   self.scorer, self.image_range))
+            result = score_image_of_latent(z if self.dtype is None else z.to(self.dtype), self.decoder,
+                                           self.scorer, self.image_range)
+            return ScoreResult(result.residual.float().cpu(), {k: v.float().cpu() for k, v in result.similarities.items()})
 
 
 def make_private_copy(module: nn.Module) -> nn.Module:
