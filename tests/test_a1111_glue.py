@@ -92,6 +92,10 @@ def test_fused_loras_stay_out_of_the_builtin_and_other_loras_still_merge(env):
         seen.clear()
         p_dup, _ = run(env, prompt=PROMPT + " <lora:subj:0.7>", **fused())
         assert seen and all(names == [] for names in seen)
+        seen.clear()
+        env.txt2img(env.ui_values(**fused()), prompt=PROMPT + " <lora:subj:0.7>", steps=2, enable_hr=True,
+                    hr_second_pass_steps=2)   # the hires pass activates the builtin's <lora>s again
+        assert len(seen) == 4 and all(names == [] for names in seen)
     finally:
         env.callbacks.callbacks["cfg_denoiser"].pop()
     p_alone, _ = run(env, **fused())

@@ -194,6 +194,13 @@ class A1111Host:
         p.setup_conds = setup_conds_fused
         p.sample = sample_fused
 
+    def before_every_sampling(self, p: Any, **kwargs) -> None:
+        """Script.process_before_every_sampling (processing.py:1338, :1446): the hires pass re-activates the
+        builtin's `<lora>`s (:1437), so a fused LoRA's own `<lora>` is taken out again before that pass."""
+        run = getattr(p, RUN_ATTR, None)
+        if run is not None and run.enabled and run.fused_names:
+            run.exclude_duplicates(p)
+
     def uninstall(self, p: Any) -> None:
         for attr in ("setup_conds", "sample"):
             p.__dict__.pop(attr, None)
