@@ -241,6 +241,29 @@ def test_tag_items_override_the_ui_values():
     assert np.array_equal(by_tag.image, by_name.image)
 
 
+def test_other_lora_tags_keep_working_beside_the_fusion():
+    reference = txt2img(f"{PROMPT} <lora:{STYLE}:1> <lora:{SUBJECT}:1>")
+    fused = txt2img(f"{PROMPT} <lora:{STYLE}:1> <dynlora:{SUBJECT}:{ZERO}>")
+    assert fused.messages() == []
+    assert mean_abs_diff(fused.image, reference.image) <= MERGE_TOLERANCE
+
+
+def test_a_fused_lora_also_in_a_lora_tag_is_applied_once_with_a_message():
+    alone = txt2img(f"{PROMPT} <dynlora:{SUBJECT}:{ZERO}>")
+    both = txt2img(f"{PROMPT} <lora:{SUBJECT}:1> <dynlora:{SUBJECT}:{ZERO}>")
+    assert np.array_equal(both.image, alone.image)
+    assert any(SUBJECT in m for m in both.messages()), both.params
+
+
+def test_heatmap_is_returned_only_when_asked():
+    without = txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE))
+    asked = txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE, heatmap=True))
+    assert len(without.images) == 1
+    assert len(asked.images) == 2
+    assert np.array_equal(asked.images[0], without.images[0])
+    assert asked.images[1].shape != asked.images[0].shape
+
+
 # ----------------------------------------------------------------------------- infotext round trip
 def test_infotext_round_trip_reproduces_the_image():
     asked = FuseArgs(enabled=True, subject=SUBJECT, style=STYLE, method="klora", klora_alpha=2.0,
