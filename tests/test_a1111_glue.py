@@ -70,6 +70,16 @@ def test_zero_style_dynamic_equals_builtin_subject_lora(env, plain):
     assert not close(p.samples[0], plain[0].samples[0], rel=1e-2)
 
 
+def test_hires_pass_conds_are_fused_and_a_duplicate_lora_stays_out(env):
+    hires = dict(steps=2, enable_hr=True, hr_second_pass_steps=2)
+    args = env.ui_values(**fused(style="zero"))
+    p, _ = env.txt2img(args, prompt=PROMPT, **hires)
+    dup, _ = env.txt2img(args, prompt=PROMPT + " <lora:subj:1>", **hires)
+    ref, _ = env.txt2img(env.ui_values(), prompt=PROMPT + " <lora:subj:1>", **hires)
+    assert torch.allclose(p.hr_c, ref.hr_c, atol=ATOL) and close(p.samples[0], ref.samples[0])
+    assert torch.equal(dup.hr_c, p.hr_c) and torch.equal(dup.samples[0], p.samples[0])
+
+
 def test_merge_equals_builtin_merge_of_both(env):
     p, _ = run(env, **fused(method="merge", text_encoder="merge", subject_weight=0.5, style_weight=1.5))
     ref, _ = run(env, prompt=PROMPT + " <lora:subj:0.5> <lora:sty:1.5>")

@@ -164,7 +164,8 @@ class A1111Host:
 
     # ------------------------------------------------------------------ install points
     def install(self, p: Any, run: "common.FuseRun") -> None:
-        """Per-instance wrappers of p.setup_conds and p.sample; fresh cond caches so no cond is shared."""
+        """Per-instance wrappers of p.setup_conds, p.calculate_hr_conds (TE hooks) and p.sample (UNet hooks);
+        fresh cond caches so no cond is shared with generations made with other settings."""
         if getattr(p, "_dynfuse_wrapped", False):
             return
         p._dynfuse_wrapped = True
@@ -193,6 +194,16 @@ class A1111Host:
 
         p.setup_conds = setup_conds_fused
         p.sample = sample_fused
+        calculate_hr_conds = getattr(p, "calculate_hr_conds", None)
+        if calculate_hr_conds is not None:
+            def calculate_hr_conds_fused(*args, **kwargs):
+                # hires conds are computed inside p.sample after the builtin re-activated its <lora>s
+                # (processing.py:1437-1440), or inside setup_conds (:1525-1536)
+                with run.scope(p, "te"):
+                    if run.enabled and run.fused_names:
+                        run.exclude_duplicates(p)
+                    return calculate_hr_conds(*args, **kwargs)
+            p.calculate_hr_conds = calculate_hr_conds_fused
 
     def before_every_sampling(self, p: Any, **kwargs) -> None:
         """Script.process_before_every_sampling (processing.py:1338, :1446): the hires pass re-activates the
@@ -202,7 +213,7 @@ class A1111Host:
             run.exclude_duplicates(p)
 
     def uninstall(self, p: Any) -> None:
-        for attr in ("setup_conds", "sample"):
+        for attr in ("setup_conds", "sample", "calculate_hr_conds"):
             p.__dict__.pop(attr, None)
         p.__dict__.pop("_dynfuse_wrapped", None)
 

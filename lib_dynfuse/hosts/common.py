@@ -330,6 +330,9 @@ class FuseRun:
             yield None
             return
         session = self._session(group, chosen)
+        if session in self._active:      # nested (the host computes hires conds inside setup_conds): already on
+            yield session
+            return
         session.set_step(*((0, 1) if group == "te" else self.step))
         self._active.append(session)
         try:
