@@ -263,3 +263,22 @@ def test_image_encoder_runs_backbone_in_its_dtype_and_returns_float32():
     enc = ImageEncoder(backbone, 8, 8, (0.5,) * 3, (0.5,) * 3)
     out = enc(torch.rand(2, 3, 16, 16))
     assert out.dtype == torch.float32 and out.shape == (2, 5)
+
+
+# ---------------------------------------------------------------------------- the hosts' store
+def test_encoder_store_reuses_and_reloads(tmp_path):
+    from lib_dynfuse.guidance import EncoderStore
+    save_clip(str(tmp_path), seed=10)
+    save_dino_folder(str(tmp_path / "dino-vits16"), seed=11)
+    hub = str(tmp_path / "nohub")
+    store = EncoderStore()
+    with torch.inference_mode():       # Forge calls from inside inference mode: weights must stay normal tensors
+        clip, dino = store.get(TINY_CLIP, search_dirs=[str(tmp_path)], hub_cache=hub)
+    assert not any(p.is_inference() for p in list(clip.parameters()) + list(dino.parameters()))
+    again = store.get(TINY_CLIP, search_dirs=[str(tmp_path)], hub_cache=hub)
+    assert again[0] is clip and again[1] is dino
+    other = store.get(TINY_CLIP, search_dirs=[str(tmp_path)], hub_cache=hub, dtype=torch.float64)
+    assert other[0] is not clip and next(other[0].parameters()).dtype == torch.float64
+    with pytest.raises(GuidanceUnavailable):
+        store.get("ViT-B-32", search_dirs=[str(tmp_path)], hub_cache=hub)
+    assert store.get(TINY_CLIP, search_dirs=[str(tmp_path)], hub_cache=hub)[0] is not other[0]

@@ -3,9 +3,8 @@ grad-mode / inference-mode hygiene, and a real-architecture denoising loop where
 import pytest
 import torch
 
-from lib_dynfuse.guidance import (LatentRefiner, MetricScorer, ReferenceEmbeddings, ScoreTerm, eps_for_x0_shift,
-                                  eps_to_x0, make_private_copy, paper_scorer, residual_grad_x0, residual_grad_xt,
-                                  taesd_decoder, vae_decoder, x0_to_eps)
+from lib_dynfuse.guidance import (LatentRefiner, ReferenceEmbeddings, eps_to_x0, make_private_copy, paper_scorer,
+                                  residual_grad_x0, residual_grad_xt, taesd_decoder, vae_decoder, x0_to_eps)
 from tests.test_guidance_encoders import tiny_encoders, tiny_taesd
 
 
@@ -228,18 +227,43 @@ def ddim(unet, ctx, refiner=None, mode="x0", seed=5):
             eps = unet(x, t, ctx).sample
         x0 = eps_to_x0(x, eps, a)
         if refiner is not None:                      # x0-space correction written back as eps (DDIM callbacks)
-            new_x0, _ = refiner.correct_x0(x0)
-            eps = eps_for_x0_shift(eps, new_x0 - x0, a)
-            x0 = new_x0
+            eps, _ = refiner.correct_eps(x, eps, a)
+            x0 = eps_to_x0(x, eps, a)
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
     return x
 
 
-@pytest.mark.parametrize("mode", ["x0", "xt"])
-def test_guidance_lowers_the_final_residual(parts, mode):
+@pytest.fixture(scope="module")
+def unguided(parts):
+    """UNet, context and the final R of the unguided run (same seed for every guided run)."""
     unet = tiny_unet(0)
     ctx = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(9))
+    plain = LatentRefiner(parts["decoder"], parts["scorer"]).score(ddim(unet, ctx)).residual
+    return unet, ctx, plain
+
+
+@pytest.mark.parametrize("mode", ["x0", "xt"])
+def test_guidance_lowers_the_final_residual(parts, unguided, mode):
+    unet, ctx, plain = unguided
     refiner = LatentRefiner(parts["decoder"], parts["scorer"], scale=10.0, grad=mode)
-    plain = refiner.score(ddim(unet, ctx)).residual
     guided = refiner.score(ddim(unet, ctx, refiner, mode)).residual
     assert torch.all(guided < plain), (mode, plain.tolist(), guided.tolist())
+
+
+def test_correct_eps_v_and_flow_equal_the_x0_correction(parts):
+    from lib_dynfuse.guidance import flow_v_to_x0, v_to_x0, x0_to_v
+    refiner = LatentRefiner(parts["decoder"], parts["scorer"], scale=10.0)
+    g = torch.Generator().manual_seed(10)
+    x_t, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    a = torch.tensor([0.3, 0.8])
+    x0 = eps_to_x0(x_t, eps, a)
+    want_x0, want_info = refiner.correct_x0(x0)
+    new_eps, info = refiner.correct_eps(x_t, eps, a)
+    torch.testing.assert_close(eps_to_x0(x_t, new_eps, a), want_x0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(info.grad, want_info.grad)
+    new_v, _ = refiner.correct_v(x_t, x0_to_v(x_t, x0, a), a)
+    torch.testing.assert_close(v_to_x0(x_t, new_v, a), want_x0, rtol=1e-5, atol=1e-5)
+    t = torch.tensor([0.9, 0.2])
+    v = (x_t - x0) / t.view(-1, 1, 1, 1)
+    new_fv, _ = refiner.correct_flow_v(x_t, v, t)
+    torch.testing.assert_close(flow_v_to_x0(x_t, new_fv, t), want_x0, rtol=1e-5, atol=1e-5)

@@ -12,6 +12,7 @@ from .references import (ReferenceCache, ReferenceImageError, ReferenceKey, deco
                          images_to_tensor)
 from .score import (MetricScorer, ReferenceEmbeddings, ScoreResult, ScoreTerm, cosine_rows,  # noqa: F401
                     embed_images, paper_scorer, residual)
+from .store import EncoderStore  # noqa: F401
 from .step import (CorrectionInfo, LatentRefiner, make_private_copy, residual_grad_x0,  # noqa: F401
                    residual_grad_xt)
 from .weights import GuidanceUnavailable, hub_cache_dir  # noqa: F401

@@ -7,6 +7,7 @@ imported inside the loaders, so importing this module stays light.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -39,6 +40,15 @@ DINO_KINDS: Dict[str, Dict] = {
     "dinov2-base": dict(repo="facebook/dinov2-base", family="dinov2", resize=256, crop=224, mode="bicubic",
                         config=None),
 }
+
+
+def outside_inference_mode(fn):
+    """Build weights as normal tensors even when called inside a host's inference_mode (Forge)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def identity_head(output):
@@ -108,6 +118,7 @@ def visual_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
     return visual or state
 
 
+@outside_inference_mode
 def load_clip_encoder(arch: str = "ViT-L-14", weights: Optional[str] = None, search_dirs: Sequence[str] = (),
                       hub_cache: Optional[str] = None, quick_gelu: Optional[bool] = None,
                       device="cpu", dtype: torch.dtype = torch.float32) -> ImageEncoder:
@@ -171,6 +182,7 @@ def find_dino_weights(kind: str = "dino-vits16", weights: Optional[str] = None, 
     raise GuidanceUnavailable(missing_weights_message(f"DINO {kind} ({spec['repo']})", places))
 
 
+@outside_inference_mode
 def load_dino_encoder(kind: str = "dino-vits16", weights: Optional[str] = None, search_dirs: Sequence[str] = (),
                       hub_cache: Optional[str] = None, config: Optional[Dict] = None,
                       device="cpu", dtype: torch.dtype = torch.float32) -> ImageEncoder:

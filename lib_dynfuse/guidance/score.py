@@ -61,7 +61,8 @@ class MetricScorer:
         sims = {}
         for t in self.terms:
             emb = embedded[id(t.encoder)]
-            sims[t.name] = cosine_rows(emb, t.reference.to(device=emb.device, dtype=emb.dtype))
+            # encoders may sit on different devices (low-VRAM hosts): gather the similarities on the image's
+            sims[t.name] = cosine_rows(emb, t.reference.to(device=emb.device, dtype=emb.dtype)).to(images.device)
         return ScoreResult(residual(list(sims.values())), sims)
 
 

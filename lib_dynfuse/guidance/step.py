@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from . import conversions as cv
 from .score import MetricScorer, ScoreResult
 
 GRADS = ("x0", "xt")
@@ -136,6 +137,29 @@ class LatentRefiner:
         result, grad, x0 = residual_grad_xt(x_t, model_fn, self.decoder, self.scorer, self.image_range, self.dtype)
         with torch.inference_mode(False):
             return _moved(x_t, grad, self.scale), _info(result, grad, x0)
+
+    def correct_eps(self, x_t: torch.Tensor, eps: torch.Tensor, alpha_cumprod) -> Tuple[torch.Tensor, CorrectionInfo]:
+        """x0-space correction for eps samplers (DDIM/PLMS/UniPC): eps -> x0-hat, correct, the eps of the new x0.
+
+        x_t in DDPM scaling (sqrt(a) x0 + sqrt(1-a) eps); for k-diffusion's x use conversions.k_to_ddpm first."""
+        x0 = cv.eps_to_x0(x_t, eps, alpha_cumprod)
+        new_x0, info = self.correct_x0(x0)
+        with torch.inference_mode(False):
+            return cv.eps_for_x0_shift(eps.detach().clone(), new_x0 - x0.detach().clone(), alpha_cumprod), info
+
+    def correct_v(self, x_t: torch.Tensor, v: torch.Tensor, alpha_cumprod) -> Tuple[torch.Tensor, CorrectionInfo]:
+        """The same for v-prediction models (SD2-v, v-pred SDXL)."""
+        x0 = cv.v_to_x0(x_t, v, alpha_cumprod)
+        new_x0, info = self.correct_x0(x0)
+        with torch.inference_mode(False):
+            return cv.v_for_x0_shift(v.detach().clone(), new_x0 - x0.detach().clone(), alpha_cumprod), info
+
+    def correct_flow_v(self, x_t: torch.Tensor, v: torch.Tensor, t) -> Tuple[torch.Tensor, CorrectionInfo]:
+        """The same for flow-matching velocity (FLUX: x0 = x_t - t v)."""
+        x0 = cv.flow_v_to_x0(x_t, v, t)
+        new_x0, info = self.correct_x0(x0)
+        with torch.inference_mode(False):
+            return cv.flow_v_for_x0_shift(v.detach().clone(), new_x0 - x0.detach().clone(), t), info
 
     def score(self, x0_hat: torch.Tensor) -> ScoreResult:
         """R of a latent without gradient (logging, tests)."""
