@@ -282,3 +282,13 @@ def test_encoder_store_reuses_and_reloads(tmp_path):
     with pytest.raises(GuidanceUnavailable):
         store.get("ViT-B-32", search_dirs=[str(tmp_path)], hub_cache=hub)
     assert store.get(TINY_CLIP, search_dirs=[str(tmp_path)], hub_cache=hub)[0] is not other[0]
+
+
+def test_importing_guidance_stays_light():
+    import subprocess
+    import sys
+    code = ("import sys, lib_dynfuse, lib_dynfuse.guidance; "
+            "print([m for m in ('open_clip', 'transformers', 'diffusers', 'timm') if m in sys.modules])")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

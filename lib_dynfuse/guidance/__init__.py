@@ -1,6 +1,20 @@
 """Metric-guided latent refinement (paper Sec. 4.2, Eq. 14-20): encoders, score R, correction step, references.
 
 Host-independent: torch only at import; open_clip / transformers are imported by the loaders that need them.
+
+    from lib_dynfuse.guidance import LatentRefiner, load_clip_encoder, load_dino_encoder, paper_scorer, vae_decoder
+    clip = load_clip_encoder("ViT-L-14", device="cuda")      # local weights only (hub cache, folder or path)
+    dino = load_dino_encoder("dino-vits16", device="cuda")
+    scorer = paper_scorer(clip, dino, content=subject_ref, style=style_ref)   # Eq. 16-19, references embedded once
+    refiner = LatentRefiner(vae_decoder(pipe.vae), scorer, scale=10.0, grad="x0")   # Eq. 20, m = 10
+    for i, t in enumerate(scheduler.timesteps):                # e.g. diffusers DDIMScheduler, eps-prediction UNet
+        eps = cfg_unet(latents, t)
+        if refiner.active(i, len(scheduler.timesteps)):
+            eps, info = refiner.correct_eps(latents, eps, scheduler.alphas_cumprod[t])   # info.residual: R per row
+        latents = scheduler.step(eps, t, latents).prev_sample
+
+k-diffusion samplers call `refiner.correct_x0(denoised)`; the paper's x_t gradient is
+`refiner.correct_xt(x, model_fn)` with model_fn: x_t -> x0-hat (one more UNet forward and backward).
 """
 from .conversions import (alpha_cumprod_to_sigma, denoised_from_eps, eps_for_x0_shift,  # noqa: F401
                           eps_from_denoised, eps_to_x0, flow_v_for_x0_shift, flow_v_to_x0, flow_x0_to_v,
