@@ -289,3 +289,12 @@ def test_api_dict_equals_positional_and_info_route(env):
     assert info["criteria"] == ["kl", "js", "cosine", "dot"] and info["defaults"]["method"] == "dynamic"
     assert info["host"] == "a1111" and {"subj", "sty", "zero"} <= set(info["loras"])
     assert [f["name"] for f in info["fields"]][:3] == ["enabled", "subject", "style"]
+
+
+def test_layers_a_hook_cannot_reach_are_named_not_hooked():
+    from lib_dynfuse.hosts.a1111 import unfusable
+    mha = torch.nn.MultiheadAttention(8, 2)
+    assert unfusable(mha) == "MultiheadAttention q/k/v"
+    assert unfusable(mha.out_proj) == "MultiheadAttention out_proj"
+    assert unfusable(torch.nn.LayerNorm(8)) == "LayerNorm"
+    assert unfusable(torch.nn.Linear(2, 2)) == "" and unfusable(torch.nn.Conv2d(2, 2, 3)) == ""

@@ -50,6 +50,21 @@ def layer_group(sd_key: str) -> str:
     return "unet" if sd_key.startswith("diffusion_model") else "te"
 
 
+def unfusable(module: torch.nn.Module) -> str:
+    """Why a forward hook on this layer cannot carry a delta ('' = it can).
+
+    open_clip text encoders (SD2, SDXL's second) use nn.MultiheadAttention: the builtin maps q/k/v to the MHA
+    itself (networks.py:208-211) and its out_proj is read as a weight inside the MHA, never called as a module.
+    """
+    if isinstance(module, torch.nn.MultiheadAttention):
+        return "MultiheadAttention q/k/v"
+    if type(module).__name__ == "NonDynamicallyQuantizableLinear":
+        return "MultiheadAttention out_proj"
+    if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+        return type(module).__name__
+    return ""
+
+
 def module_delta(m: Any) -> LayerDelta:
     """One builtin NetworkModule -> LayerDelta: low rank for plain LoRA/LoCon, else dense from calc_updown."""
     sd_module = m.sd_module
@@ -125,9 +140,9 @@ class A1111Host:
         net = nets.load_network(on_disk.name, on_disk)
         for sd_key, m in net.modules.items():
             sd_module = m.sd_module
-            if not isinstance(sd_module, (torch.nn.Linear, torch.nn.Conv2d)) or \
-                    isinstance(sd_module, torch.nn.MultiheadAttention):
-                out.skipped.append(f"{sd_key} ({type(sd_module).__name__})")
+            problem = unfusable(sd_module)
+            if problem:
+                out.skipped.append(f"{sd_key} ({problem})")
                 continue
             out.layers[sd_key] = LoraLayer(module=sd_module, group=layer_group(sd_key), delta=module_delta(m))
         return out
