@@ -69,3 +69,17 @@ def test_decoder_casts_latents_to_its_dtype_and_copies_whole():
     private = make_private_copy(dec)
     assert isinstance(private, LatentDecoder) and private.module is not stage
     assert torch.equal(private.module.conv.weight, stage.conv.weight)
+
+
+def test_max_latent_side_decodes_a_shrunk_latent():
+    vae = tiny_taesd(0)
+    z = torch.randn(1, 4, 16, 12, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        small = vae_decoder(vae, max_latent_side=8)(z)
+        full = vae_decoder(vae)(z)
+        want = (vae.decode(torch.nn.functional.interpolate(z, size=(8, 6), mode="bilinear", align_corners=False,
+                                                           antialias=True)).sample + 1) / 2
+    assert full.shape == (1, 3, 64, 48) and small.shape == (1, 3, 32, 24)
+    assert torch.equal(small, want)
+    with torch.no_grad():
+        assert torch.equal(vae_decoder(vae, max_latent_side=16)(z), full)   # within the limit: untouched

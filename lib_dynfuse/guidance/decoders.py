@@ -16,15 +16,17 @@ class LatentDecoder(nn.Module):
     image_range = (0.0, 1.0)
 
     def __init__(self, module: nn.Module, scaling_factor: float = 1.0, shift_factor: float = 0.0,
-                 output_range: Tuple[float, float] = (-1.0, 1.0), use_decode_method: bool = True):
+                 output_range: Tuple[float, float] = (-1.0, 1.0), use_decode_method: bool = True,
+                 max_latent_side: Optional[int] = None):
         super().__init__()
         self.module = module
         self.scaling_factor, self.shift_factor = float(scaling_factor), float(shift_factor)
         self.output_range = (float(output_range[0]), float(output_range[1]))
         self.use_decode_method = use_decode_method
+        self.max_latent_side = max_latent_side
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents / self.scaling_factor + self.shift_factor
+        z = shrink_latents(latents, self.max_latent_side) / self.scaling_factor + self.shift_factor
         param = next(self.module.parameters(), None)
         if param is not None:
             z = z.to(device=param.device, dtype=param.dtype)
@@ -36,8 +38,19 @@ class LatentDecoder(nn.Module):
         return (out - lo) / (hi - lo)
 
 
-def vae_decoder(vae: nn.Module, scaling_factor: Optional[float] = None,
-                shift_factor: Optional[float] = None) -> LatentDecoder:
+def shrink_latents(latents: torch.Tensor, max_side: Optional[int]) -> torch.Tensor:
+    """Latents area-downscaled so the longer side is at most max_side: the encoders see ~224 px anyway, so
+    decoding 128x128 SDXL latents to 1024 px would only cost memory (an approximation of the full decode)."""
+    h, w = latents.shape[-2:]
+    if not max_side or max(h, w) <= max_side:
+        return latents
+    scale = max_side / max(h, w)
+    size = (max(1, int(round(h * scale))), max(1, int(round(w * scale))))
+    return torch.nn.functional.interpolate(latents, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def vae_decoder(vae: nn.Module, scaling_factor: Optional[float] = None, shift_factor: Optional[float] = None,
+                max_latent_side: Optional[int] = None) -> LatentDecoder:
     """Full VAE: diffusers AutoencoderKL / AutoencoderTiny (factors from vae.config) or an ldm/sgm/Forge
     first-stage model whose decode(z) gives [-1,1] (pass the checkpoint's scale factor, e.g. 0.18215 SD1,
     0.13025 SDXL, FLUX 0.3611 with shift 0.1159)."""
@@ -48,10 +61,10 @@ def vae_decoder(vae: nn.Module, scaling_factor: Optional[float] = None,
             raise ValueError("DynFuse guidance: give the VAE's latent scaling factor (its module has no config)")
     if shift_factor is None:
         shift_factor = getattr(config, "shift_factor", None) or 0.0
-    return LatentDecoder(vae, scaling_factor, shift_factor, (-1.0, 1.0), use_decode_method=True)
+    return LatentDecoder(vae, scaling_factor, shift_factor, (-1.0, 1.0), True, max_latent_side)
 
 
-def taesd_decoder(decoder: nn.Module) -> LatentDecoder:
+def taesd_decoder(decoder: nn.Module, max_latent_side: Optional[int] = None) -> LatentDecoder:
     """A TAESD decoder module that maps UNet-space latents straight to [0,1] (e.g. the WebUI's
     sd_vae_taesd.decoder_model()). For diffusers' AutoencoderTiny use vae_decoder(tiny)."""
-    return LatentDecoder(decoder, 1.0, 0.0, (0.0, 1.0), use_decode_method=False)
+    return LatentDecoder(decoder, 1.0, 0.0, (0.0, 1.0), False, max_latent_side)
