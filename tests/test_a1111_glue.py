@@ -298,3 +298,9 @@ def test_layers_a_hook_cannot_reach_are_named_not_hooked():
     assert unfusable(mha.out_proj) == "MultiheadAttention out_proj"
     assert unfusable(torch.nn.LayerNorm(8)) == "LayerNorm"
     assert unfusable(torch.nn.Linear(2, 2)) == "" and unfusable(torch.nn.Conv2d(2, 2, 3)) == ""
+
+
+def test_host_is_detected_by_its_modules(env):
+    from lib_dynfuse.hosts import adapter, detect
+    assert detect() == "a1111" and adapter().name == "a1111"
+    assert type(env.script_module.HOST).__name__ == "A1111Host"
