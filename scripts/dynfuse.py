@@ -9,7 +9,7 @@ from modules import script_callbacks, scripts
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+    sys.path.append(_ROOT)   # after everything else: only `lib_dynfuse` is looked up here, nothing is shadowed
 
 from lib_dynfuse import __version__  # noqa: E402
 from lib_dynfuse.hosts import adapter, common, ui as dynfuse_ui  # noqa: E402
