@@ -66,7 +66,7 @@ def text_encoder_roots(text_encoders: TextEncoders) -> Dict[str, torch.nn.Module
     return {g: m for g, m in zip(TE_GROUPS, text_encoders) if m is not None}
 
 
-def _fit_kind(delta: LayerDelta, weight: torch.Tensor) -> LayerDelta:
+def fit_to_weight(delta: LayerDelta, weight: torch.Tensor) -> LayerDelta:
     """Reshape a 1x1-conv delta for a Linear and a linear delta for a 1x1 conv; anything else unchanged."""
     if delta.dense is not None or delta.mid is not None:
         return delta
@@ -132,7 +132,7 @@ def _resolve_one(lora: LoraFile, name_map, model, te_groups):
         if not isinstance(weight, torch.Tensor):
             problems.append(f"{key} -> {name}: module has no weight tensor")
             continue
-        delta = _fit_kind(delta, weight)
+        delta = fit_to_weight(delta, weight)
         problem = shape_problem(delta, weight)
         if problem:
             problems.append(f"{key} -> {name}: {problem}")
