@@ -237,11 +237,42 @@ def test_pickled_objects_are_refused(tmp_path):
 def test_dino_missing_weights_says_where(tmp_path):
     models_dir = str(tmp_path / "models" / "dynfuse")
     with pytest.raises(GuidanceUnavailable) as e:
-        load_dino_encoder(search_dirs=[models_dir], hub_cache=str(tmp_path / "hub"))
+        load_dino_encoder(search_dirs=[models_dir], hub_cache=str(tmp_path / "hub"), torch_hub=str(tmp_path / "th"))
     msg = str(e.value)
     assert os.path.join(models_dir, "dino-vits16", "model.safetensors") in msg
     assert os.path.join(models_dir, "dino-vits16.safetensors") in msg
     assert "facebook/dino-vits16" in msg
+    assert f"dino_deitsmall16_pretrain.pth in {tmp_path / 'th'}" in msg
+
+
+def hf_vit_to_original_dino(state):
+    """The inverse renaming, written out by hand: what facebookresearch/dino's checkpoints look like."""
+    out = {"cls_token": state["embeddings.cls_token"], "pos_embed": state["embeddings.position_embeddings"],
+           "patch_embed.proj.weight": state["embeddings.patch_embeddings.projection.weight"],
+           "patch_embed.proj.bias": state["embeddings.patch_embeddings.projection.bias"],
+           "norm.weight": state["layernorm.weight"], "norm.bias": state["layernorm.bias"]}
+    for i in range(TINY_DINO_CFG["num_hidden_layers"]):
+        hf = f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            out[f"blocks.{i}.norm1.{kind}"] = state[f"{hf}layernorm_before.{kind}"]
+            out[f"blocks.{i}.norm2.{kind}"] = state[f"{hf}layernorm_after.{kind}"]
+            out[f"blocks.{i}.attn.proj.{kind}"] = state[f"{hf}attention.output.dense.{kind}"]
+            out[f"blocks.{i}.mlp.fc1.{kind}"] = state[f"{hf}intermediate.dense.{kind}"]
+            out[f"blocks.{i}.mlp.fc2.{kind}"] = state[f"{hf}output.dense.{kind}"]
+            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([state[f"{hf}attention.attention.{n}.{kind}"]
+                                                            for n in ("query", "key", "value")])
+    return out
+
+
+def test_original_dino_checkpoint_from_torch_hub_cache(tmp_path):
+    model = tiny_dino_model(seed=12)
+    th = tmp_path / "torch" / "hub" / "checkpoints"
+    th.mkdir(parents=True)
+    torch.save(hf_vit_to_original_dino(model.state_dict()), str(th / "dino_deitsmall16_pretrain.pth"))
+    enc = load_dino_encoder(hub_cache=str(tmp_path / "nohub"), torch_hub=str(th), config=TINY_DINO_CFG)
+    images = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(enc(images), _dino_reference_embedding(model, images), rtol=0, atol=0)
 
 
 def test_dinov2_is_feature_detected(tmp_path):

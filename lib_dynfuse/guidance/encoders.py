@@ -15,6 +15,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .dino_keys import TORCH_HUB_FILES, is_timm_dino, timm_dino_to_hf
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, preprocess
 from .weights import (GuidanceUnavailable, first_existing, hub_snapshots, load_state_dict_file,
                       missing_weights_message)
@@ -146,9 +147,19 @@ def load_clip_encoder(arch: str = "ViT-L-14", weights: Optional[str] = None, sea
 
 
 # ---------------------------------------------------------------------------- DINO / DINOv2 (transformers)
+def torch_hub_checkpoints(torch_hub: Optional[str] = None) -> str:
+    """The folder where torch.hub keeps downloaded checkpoints ($TORCH_HOME/hub/checkpoints)."""
+    if torch_hub:
+        return torch_hub
+    home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "torch")
+    return os.path.join(home, "hub", "checkpoints")
+
+
 def find_dino_weights(kind: str = "dino-vits16", weights: Optional[str] = None, search_dirs: Sequence[str] = (),
-                      hub_cache: Optional[str] = None) -> Tuple[str, Optional[str]]:
-    """(weights file, config.json or None) for a DINO `kind`: explicit path, `search_dirs`, then the hub cache."""
+                      hub_cache: Optional[str] = None, torch_hub: Optional[str] = None) -> Tuple[str, Optional[str]]:
+    """(weights file, config.json or None) for a DINO `kind`: explicit path, `search_dirs`, the hub cache,
+    then the original DINO file in `search_dirs` or the torch hub checkpoints folder."""
     spec = _dino_spec(kind)
 
     def in_folder(folder: str):
@@ -174,10 +185,17 @@ def find_dino_weights(kind: str = "dino-vits16", weights: Optional[str] = None, 
         hit = in_folder(snap)
         if hit:
             return hit
+    original = TORCH_HUB_FILES.get(kind)
+    for d in ([*search_dirs, torch_hub_checkpoints(torch_hub)] if original else []):
+        found = first_existing(d, (original,))
+        if found:
+            return found, None
     places = [os.path.join(d, kind, "model.safetensors (+ config.json)") for d in search_dirs]
     if spec["config"] is not None:
         places += [os.path.join(d, f"{kind}.safetensors") for d in search_dirs]
     places.append(f"the Hugging Face cache ({hub_cache or 'HF_HUB_CACHE'}) with {spec['repo']}")
+    if original:
+        places.append(f"the original DINO file {original} in {torch_hub_checkpoints(torch_hub)} or a models folder")
     places.append("or set an explicit file or folder path in the settings")
     raise GuidanceUnavailable(missing_weights_message(f"DINO {kind} ({spec['repo']})", places))
 
@@ -185,13 +203,14 @@ def find_dino_weights(kind: str = "dino-vits16", weights: Optional[str] = None, 
 @outside_inference_mode
 def load_dino_encoder(kind: str = "dino-vits16", weights: Optional[str] = None, search_dirs: Sequence[str] = (),
                       hub_cache: Optional[str] = None, config: Optional[Dict] = None,
-                      device="cpu", dtype: torch.dtype = torch.float32) -> ImageEncoder:
+                      device="cpu", dtype: torch.dtype = torch.float32, torch_hub: Optional[str] = None
+                      ) -> ImageEncoder:
     """DINO (ViTModel, CLS token) or DINOv2 (Dinov2Model, when transformers has it) from local weights.
 
     config: architecture fields used when no config.json lies next to the weights (default: the kind's own).
     """
     spec = _dino_spec(kind)
-    path, config_json = find_dino_weights(kind, weights, search_dirs, hub_cache)
+    path, config_json = find_dino_weights(kind, weights, search_dirs, hub_cache, torch_hub)
     try:
         import transformers
     except ImportError as e:
@@ -210,9 +229,13 @@ def load_dino_encoder(kind: str = "dino-vits16", weights: Optional[str] = None, 
         fields = dict(config or spec["config"] or {})
         if not fields:
             raise GuidanceUnavailable(f"DynFuse guidance: {kind} needs its config.json next to {path}")
+    state = load_state_dict_file(path)
+    if spec["family"] == "vit" and is_timm_dino(state):
+        state = timm_dino_to_hf(state)
+        if not config_json and config is None:
+            fields["layer_norm_eps"] = 1e-6   # the original DINO models' LayerNorm eps
     kwargs = {"add_pooling_layer": False} if spec["family"] == "vit" else {}
     model = model_cls(config_cls(**fields), **kwargs)
-    state = load_state_dict_file(path)
     for prefix in ("vit.", "dinov2."):  # classification checkpoints wrap the backbone
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
