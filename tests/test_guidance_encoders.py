@@ -172,6 +172,12 @@ def test_clip_missing_weights_says_where(tmp_path):
         load_clip_encoder("ViT-L-14", weights=str(tmp_path / "nope.safetensors"))
 
 
+def test_clip_unknown_architecture_is_refused(tmp_path):
+    save_clip(str(tmp_path), seed=0, name="ViT-Q-99.safetensors")
+    with pytest.raises(GuidanceUnavailable, match="no architecture 'ViT-Q-99'"):
+        load_clip_encoder("ViT-Q-99", search_dirs=[str(tmp_path)], hub_cache=str(tmp_path))
+
+
 def test_clip_wrong_architecture_is_refused(tmp_path):
     folder = tmp_path / "m"
     folder.mkdir()

@@ -135,6 +135,9 @@ def load_clip_encoder(arch: str = "ViT-L-14", weights: Optional[str] = None, sea
     if quick_gelu is None:
         quick_gelu = "openai" in os.path.realpath(path).lower() or "openai" in path.lower()
     # pretrained=None: open_clip 2.20 would torch.load the file with pickles allowed; we load it safely ourselves
+    if open_clip.get_model_config(arch) is None:
+        raise GuidanceUnavailable(f"DynFuse guidance: open_clip has no architecture {arch!r} "
+                                  f"(e.g. {', '.join(a for a in CLIP_HUB_REPOS)})")
     model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=bool(quick_gelu))
     visual = model.visual
     _load_strict(visual, visual_state_dict(load_state_dict_file(path)), f"CLIP {arch}", path)
