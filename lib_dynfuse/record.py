@@ -21,8 +21,8 @@ class SelectionRecord:
         self.layer_names: List[str] = list(layer_names)
         self._index = {name: i for i, name in enumerate(self.layer_names)}
         self._device_chosen: Dict[int, torch.Tensor] = {}   # step -> [layers, 2] on the device, float32
-        self._cpu_chosen: Dict[int, torch.Tensor] = {}      # step -> [layers, 2] (python-decided choices: klora)
-        self._rows: Dict[int, torch.Tensor] = {}            # step -> [layers, 2] rows seen (known on the host)
+        self._host_chosen: Dict[int, List[List[int]]] = {}  # step -> [layers][2] host-decided choices (klora)
+        self._rows: Dict[int, List[List[int]]] = {}         # step -> [layers][2] rows seen (known on the host)
         self._masks: Dict[tuple, torch.Tensor] = {}         # (labels, device) -> [2, B] float label masks
         self.total_steps: int = 0
 
@@ -36,10 +36,17 @@ class SelectionRecord:
             store[step] = buf
         return buf
 
+    def _host_counts(self, store: Dict[int, List[List[int]]], step: int) -> List[List[int]]:
+        counts = store.get(step)
+        if counts is None:
+            counts = store[step] = [[0, 0] for _ in self.layer_names]
+        return counts
+
     def _count_rows(self, step: int, layer: int, labels: Sequence[str]) -> None:
-        rows = self._buffer(self._rows, step, "cpu")
-        rows[layer, 0] += sum(1 for lab in labels if lab != "uncond")
-        rows[layer, 1] += sum(1 for lab in labels if lab == "uncond")
+        uncond = sum(1 for lab in labels if lab == "uncond")
+        counts = self._host_counts(self._rows, step)[layer]
+        counts[0] += len(labels) - uncond
+        counts[1] += uncond
         self.total_steps = max(self.total_steps, step + 1)
 
     def add_rows(self, step: int, layer: int, choose: torch.Tensor, labels: Sequence[str]) -> None:
@@ -58,25 +65,27 @@ class SelectionRecord:
     def add_all(self, step: int, layer: int, subject: bool, labels: Sequence[str]) -> None:
         """Record one host-side decision that holds for every row (K-LoRA's schedule)."""
         if subject:
-            buf = self._buffer(self._cpu_chosen, step, "cpu")
-            buf[layer, 0] += sum(1 for lab in labels if lab != "uncond")
-            buf[layer, 1] += sum(1 for lab in labels if lab == "uncond")
+            uncond = sum(1 for lab in labels if lab == "uncond")
+            counts = self._host_counts(self._host_chosen, step)[layer]
+            counts[0] += len(labels) - uncond
+            counts[1] += uncond
         self._count_rows(step, layer, labels)
 
     def layer_index(self, name: str) -> int:
         return self._index[name]
 
     # ------------------------------------------------------------------ reading
-    def _table(self, store: Dict[int, torch.Tensor], steps: int) -> torch.Tensor:
+    def _table(self, store: Dict[int, object], steps: int) -> torch.Tensor:
         out = torch.zeros(steps, len(self.layer_names), 2, dtype=torch.float64)
         for step, buf in store.items():
-            out[step] += buf.detach().to("cpu", torch.float64)
+            if step < steps:
+                out[step] += torch.as_tensor(buf).detach().to("cpu", torch.float64).reshape(-1, 2)
         return out
 
     def counts(self, steps: Optional[int] = None):
         """(chosen, rows): float64 [steps, layers, 2] (last dim: cond, uncond)."""
         steps = self.total_steps if steps is None else steps
-        chosen = self._table(self._device_chosen, steps) + self._table(self._cpu_chosen, steps)
+        chosen = self._table(self._device_chosen, steps) + self._table(self._host_chosen, steps)
         return chosen, self._table(self._rows, steps)
 
     def _share(self, chosen: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

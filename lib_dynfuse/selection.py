@@ -42,7 +42,7 @@ def channel_log_probs(feature: torch.Tensor, channel_dim: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- criteria (one value per row)
 def kl_per_row(logp_hat: torch.Tensor, logp_base: torch.Tensor) -> torch.Tensor:
     """KL(F_hat || F) per token, mean over tokens: [B] (dynamic fusion Eq. 11-12)."""
-    kl = (logp_hat.exp() * (logp_hat - logp_base)).sum(-1)
+    kl = F.kl_div(logp_base, logp_hat, reduction="none", log_target=True).sum(-1)  # exp(lp_hat)*(lp_hat-lp_base)
     # KL >= 0; rounding can give -1e-9 for a tiny delta, which must not lose a tie against a zero delta.
     return kl.mean(-1).clamp_min(0.0)
 

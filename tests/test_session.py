@@ -411,3 +411,20 @@ def test_record_under_inference_mode_and_host_decisions():
     record.add_all(0, 1, False, ["cond", "uncond"])
     assert _same(record.cond, [[math.nan, 0.5], [0.5, math.nan]])
     assert _same(record.uncond, [[math.nan, 0.5], [0.25, math.nan]])
+
+
+@pytest.mark.parametrize("method,criterion", [("dynamic", "kl"), ("dynamic", "js"), ("dynamic", "cosine"),
+                                              ("dynamic", "dot"), ("klora", "kl"), ("merge", "kl")])
+def test_hooks_never_read_tensor_values(method, criterion):
+    """On the meta device a tensor has no values: any .item(), bool(tensor) or copy to the host would raise,
+    so passing here shows the hook path makes no host-device sync (recording included)."""
+    lin = torch.nn.Linear(6, 8, device="meta")
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, device="meta")
+    targets = [FuseTarget("l", lin, _linear_delta(8, 6, 2, 1), _linear_delta(8, 6, 3, 2)),
+               FuseTarget("c", conv, _conv_delta(4, 3, 3, 2, 3), _conv_delta(4, 3, 3, 2, 4))]
+    with torch.no_grad(), FuseSession(targets, method=method, criterion=criterion) as session:
+        session.set_row_labels(["uncond", "cond"])
+        session.set_step(1, 4)
+        y = lin(torch.empty(2, 5, 6, device="meta"))
+        z = conv(torch.empty(2, 3, 4, 4, device="meta"))
+    assert y.shape == (2, 5, 8) and z.shape == (2, 4, 4, 4) and y.is_meta
