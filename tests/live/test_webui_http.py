@@ -324,7 +324,8 @@ def test_plain_image_unchanged_after_fused_runs(plain):
                           txt2img(f"{PROMPT} <lora:{SUBJECT}:1>").image)
 
 
-def test_plain_image_unchanged_after_an_interrupted_fused_run(plain):
+def test_plain_and_fused_images_unchanged_after_an_interrupted_fused_run(plain):
+    fused_before = txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE))
     done: Dict[str, Any] = {}
 
     def long_run():
@@ -349,3 +350,4 @@ def test_plain_image_unchanged_after_an_interrupted_fused_run(plain):
     assert status == 200, str(out)[:2000]
     assert ok("GET", "/sdapi/v1/progress?skip_current_image=true")["state"]["interrupted"] is True
     assert np.array_equal(txt2img().image, plain.image)
+    assert np.array_equal(txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE)).image, fused_before.image)
