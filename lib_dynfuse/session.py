@@ -117,9 +117,13 @@ class FuseSession:
                 h.remove()
             except Exception as e:  # still take the others off, then report the first failure
                 first_error = first_error or e
-        self._cast.clear()
         if first_error is not None:
             raise first_error
+
+    def clear_cache(self) -> None:
+        """Drop the deltas cast to the model's device/dtype (they are kept across open/close: hosts that hook
+        per UNet call reopen one session every step, and the cast must happen once per generation)."""
+        self._cast.clear()
 
     @property
     def is_open(self) -> bool:

@@ -314,7 +314,7 @@ def test_inference_mode_then_autograd_through_the_hooks():
         with torch.inference_mode():
             fused_inf = model(x)          # the deltas were cast under no_grad; run inference mode on them
         assert torch.equal(fused, fused_inf)
-        session._cast.clear()
+        session.clear_cache()
         with torch.inference_mode():
             assert torch.equal(model(x), fused)   # cast under inference mode this time
         with torch.enable_grad():
@@ -428,3 +428,26 @@ def test_hooks_never_read_tensor_values(method, criterion):
         y = lin(torch.empty(2, 5, 6, device="meta"))
         z = conv(torch.empty(2, 3, 4, 4, device="meta"))
     assert y.shape == (2, 5, 8) and z.shape == (2, 4, 4, 4) and y.is_meta
+
+
+def test_deltas_are_cast_once_across_reopened_scopes(monkeypatch):
+    """Hosts reopen one session per UNet call; the cast deltas must survive close() (one cast per generation)."""
+    import lib_dynfuse.session as session_module
+    calls = []
+    real = session_module.prepare_delta
+    monkeypatch.setattr(session_module, "prepare_delta", lambda *a: calls.append(1) or real(*a))
+    model = _model()
+    session = FuseSession(_model_targets(model))
+    x = _x(2, 6)
+    outs = []
+    with torch.no_grad():
+        for _ in range(3):
+            with session:
+                outs.append(model(x))
+    assert len(calls) == 4 and torch.equal(outs[0], outs[2])   # 2 layers x 2 LoRAs, cast on the first call only
+    with torch.no_grad(), session:
+        model(x.double().float())
+    assert len(calls) == 4
+    with torch.no_grad(), session:
+        model.double()(x.double())                             # a new dtype: cast again, once
+    assert len(calls) == 8
