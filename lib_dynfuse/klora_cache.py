@@ -21,16 +21,22 @@ _CACHE_SIZE = 8
 
 @dataclass(frozen=True)
 class KLoraSums:
-    """float64 [layers] tensors, in the order of `names`, plus gamma (K-LoRA Eq. 3-5, 9)."""
+    """float64 [layers] tensors, in the order of `names` (with each layer's group), plus gamma (K-LoRA Eq. 3-5, 9)."""
 
     names: tuple
     top_c: torch.Tensor
     top_s: torch.Tensor
     abs_c: torch.Tensor
     abs_s: torch.Tensor
+    groups: tuple = ()
 
     @property
     def gamma(self) -> torch.Tensor:
+        """Eq. 9 over the UNet layers both LoRAs touch (K-LoRA is defined on the UNet), so the UNet's gamma
+        does not depend on whether text encoders were given; over all shared layers when none is a UNet layer."""
+        unet = torch.tensor([g == "unet" for g in self.groups], dtype=torch.bool)
+        if len(self.groups) == len(self.names) and bool(unet.any()):
+            return klora_gamma(self.abs_c[unet], self.abs_s[unet])
         return klora_gamma(self.abs_c, self.abs_s)
 
 
@@ -53,7 +59,8 @@ def layer_sums(targets: Sequence[FuseTarget]) -> KLoraSums:
     def stack(values: List[torch.Tensor]) -> torch.Tensor:
         return torch.stack(values).cpu() if values else torch.zeros(0, dtype=torch.float64)
 
-    return KLoraSums(tuple(t.name for t in shared), stack(top_c), stack(top_s), stack(abs_c), stack(abs_s))
+    return KLoraSums(tuple(t.name for t in shared), stack(top_c), stack(top_s), stack(abs_c), stack(abs_s),
+                     tuple(t.group for t in shared))
 
 
 class SumsCache:

@@ -451,3 +451,18 @@ def test_deltas_are_cast_once_across_reopened_scopes(monkeypatch):
     with torch.no_grad(), session:
         model.double()(x.double())                             # a new dtype: cast again, once
     assert len(calls) == 8
+
+
+def test_klora_gamma_comes_from_the_unet_layers():
+    te, unet_layer = _linear(0), _linear(1)
+    dc_te, ds_te = _linear_delta(8, 6, 2, 10, 5.0), _linear_delta(8, 6, 2, 11, 0.1)
+    dc, ds = _linear_delta(8, 6, 2, 12, 1.0), _linear_delta(8, 6, 2, 13, 2.0)
+    both = FuseSession([FuseTarget("te", te, dc_te, ds_te, group="te"), FuseTarget("u", unet_layer, dc, ds)],
+                       method="klora")
+    unet_only = FuseSession([FuseTarget("u", unet_layer, dc, ds)], method="klora")
+    te_only = FuseSession([FuseTarget("te", te, dc_te, ds_te, group="te")], method="klora")
+    by_hand = (dc.up @ dc.down).abs().double().sum() / (2.0 * (ds.up @ ds.down).abs().double().sum())
+    assert both.klora_sums.gamma.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert torch.equal(both.klora_sums.gamma, unet_only.klora_sums.gamma)
+    te_by_hand = 5.0 * (dc_te.up @ dc_te.down).abs().double().sum() / (0.1 * (ds_te.up @ ds_te.down).abs().double().sum())
+    assert te_only.klora_sums.gamma.item() == pytest.approx(te_by_hand.item(), rel=1e-6)
