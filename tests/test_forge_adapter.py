@@ -375,3 +375,30 @@ def test_detection_by_feature(fh):
     assert forge.uses_forge_objects(sd) and forge.is_flux(sd) and forge.model_family(sd) == "flux"
     sd15 = types.SimpleNamespace(is_sd1=True, forge_objects=types.SimpleNamespace(unet=fh.world.sd15_unet_patcher()))
     assert not forge.is_flux(sd15) and forge.model_family(sd15) == "sd1"
+
+
+def test_sdxl_targets_by_name_with_two_text_encoders(fh, tmp_path):
+    """SDXL: proj_in/proj_out are Linears (not convs) and the TE LoRA keys lora_te1_/lora_te2_ go to clip_l/clip_g."""
+    from backend.modules.k_model import KModel
+    from backend.operations import forgeify
+    from backend.patcher.clip import CLIP
+    unet_nn = models.tiny_sdxl_unet(0)
+    te1, te2 = models.tiny_sdxl_text_encoders(0)
+    path = tmp_path / "sdxl.safetensors"
+    written = lora_files.write_kohya_lora(unet_nn, path, rank=2, seed=7, te_layers={"lora_te1": te1, "lora_te2": te2})
+    holders = {}
+    for key, te in (("clip_l", te1), ("clip_g", te2)):
+        holders[key] = torch.nn.Module()
+        holders[key].transformer = te
+        forgeify(holders[key])
+    clip = CLIP(model_dict=holders)
+    kmodel = KModel(forgeify(unet_nn), huggingface_repo="stabilityai/stable-diffusion-xl-base-1.0")
+    lora = forge.parse_lora(fh.api, "sdxl", fh.api.load_state_dict(str(path)), kmodel, clip.cond_stage_model)
+    assert len(lora.layers) == len(written) and not lora.skipped
+    proj_in = lora.layers["down_blocks.1.attentions.0.proj_in"]
+    assert not isinstance(proj_in.module, torch.nn.Linear) and proj_in.delta.down.dim() == 2
+    groups = {name.split(".")[0] for name, layer in lora.layers.items() if layer.group == "te"}
+    assert groups == {"clip_l", "clip_g"}
+    for w in written:
+        name = w.module if w.group == "unet" else f"{'clip_l' if w.group == 'te1' else 'clip_g'}.transformer.{w.module}"
+        assert torch.equal(lora.layers[name].delta.up, w.up) and lora.layers[name].delta.scale == w.scale

@@ -191,7 +191,7 @@ def layer_deltas(patch_dict: Dict[Any, Any], root: torch.nn.Module, merge: Calla
         low = [None if function is not None else low_rank_delta(value, strength, offset)
                for value, offset, function in entries]
         if all(d is not None for d in low):
-            out_channels = _out_channels(module, low[0])
+            out_channels = _out_channels(module, low)
             for d in low:
                 _check_fits(d, module, out_channels, model_key)
             deltas[path] = join_slices(low, out_channels)
@@ -200,14 +200,17 @@ def layer_deltas(patch_dict: Dict[Any, Any], root: torch.nn.Module, merge: Calla
     return deltas, skipped
 
 
-def _out_channels(module: torch.nn.Module, delta: LayerDelta) -> int:
+def _out_channels(module: torch.nn.Module, deltas: Sequence[LayerDelta]) -> int:
+    """The layer's output channels: its weight's rows, else out_features/out_channels, else (a quantized layer
+    without them, operations.py:355-438) the end of the furthest slice."""
     weight = getattr(module, "weight", None)
-    if weight is not None and hasattr(weight, "shape") and len(weight.shape) >= 2 and not getattr(weight, "bnb_quantized", False):
+    if weight is not None and hasattr(weight, "shape") and len(weight.shape) >= 2 \
+            and not getattr(weight, "bnb_quantized", False):
         return int(weight.shape[0])
     for attr in ("out_features", "out_channels"):
         if hasattr(module, attr):
             return int(getattr(module, attr))
-    return int(delta.up.shape[0]) if delta.out_slice is None else delta.out_slice[0] + delta.out_slice[1]
+    return max(int(d.up.shape[0]) if d.out_slice is None else sum(d.out_slice) for d in deltas)
 
 
 def _check_fits(delta: LayerDelta, module: torch.nn.Module, out_channels: int, model_key: str) -> None:
