@@ -29,6 +29,11 @@ One generation (one `p`) owns one `FuseRun`:
     install(p, run) -> None                    per-generation install points (see above); nothing global
     report(p, message) -> None                 show a message in the UI, the console and the infotext / API info
     add_image(p, processed, image, infotext)   append an image to the gallery (not saved as a generation)
+Optional, used by scripts/dynfuse.py when present:
+    gradio_tooltips: bool                      the host's gradio takes `tooltip=` on components
+    before_every_sampling(p, **kwargs)         Script.process_before_every_sampling (x=, noise=, c=, uc=)
+    on_cfg_denoiser(params)                    registered with script_callbacks.on_cfg_denoiser
+    uninstall(p)                               undo `install` on this p (called from Script.postprocess)
 
 Nothing here imports a WebUI module or gradio.
 """
