@@ -148,10 +148,11 @@ def test_no_graph_survives_and_grad_mode_is_restored(parts, outer):
         assert x0.is_inference() == (outer == "inference")
         new_x0, info = refiner.correct_x0(x0)
         new_xt, info_t = refiner.correct_xt(x0, lambda x: eps_to_x0(x, unet(x, 500, ctx).sample, 0.5))
+        new_eps, _ = refiner.correct_eps(x0, x0 * 0.5, torch.tensor([0.5]))
         assert torch.is_grad_enabled() == (outer == "grad")
         assert torch.is_inference_mode_enabled() == (outer == "inference")
         moved = new_x0 * 1.0          # the host keeps computing with the result in its own mode
-    for t in (new_x0, new_xt, info.grad, info_t.grad, info_t.x0, info.residual):
+    for t in (new_x0, new_xt, new_eps, info.grad, info_t.grad, info_t.x0, info.residual):
         _assert_plain(t)
     assert moved.shape == x0.shape
     torch.testing.assert_close(new_x0, x0.clone() - 10.0 * info.grad)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -29,7 +29,6 @@ class CorrectionInfo:
     similarities: Dict[str, torch.Tensor]
     grad: torch.Tensor
     x0: Optional[torch.Tensor] = None     # "xt" mode: the model's x0-hat from the grad-enabled call (detached)
-    extra: Dict = field(default_factory=dict)
 
     @property
     def grad_norm(self) -> torch.Tensor:
