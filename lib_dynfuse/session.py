@@ -8,7 +8,8 @@ Each hook receives the layer's own output y = F (the base, computed once by the 
 - `klora` (K-LoRA Eq. 1-10): the subject's or the style's delta by a schedule [steps, layers] computed once
   from the top-K sums. K-LoRA's paper selects in attention layers only; here its rule is applied to **every
   layer both LoRAs touch** (convs, feed-forwards and projections too), because a layer that took the sum
-  of both would be a merge in disguise and would reintroduce the interference the method avoids.
+  of both would be a merge in disguise and would reintroduce the interference the method avoids. gamma
+  (Eq. 9) is summed over the UNet layers both LoRAs touch; dW in the sums is the scaled delta.
 Text-encoder targets (group "te") follow `te_mode`: "select" = the same rule (K-LoRA: progress 0, since the
 prompt is encoded before the first step), "merge" = the sum, "off" = no delta.
 
