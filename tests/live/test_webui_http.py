@@ -111,6 +111,13 @@ def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.int32) - b.astype(np.int32)).mean())
 
 
+def assert_same(a: np.ndarray, b: np.ndarray, what: str = "") -> None:
+    """Bit-identical pixels, or a short message with the mean and max |diff| (0..255)."""
+    if not np.array_equal(a, b):
+        diff = np.abs(a.astype(np.int32) - b.astype(np.int32))
+        raise AssertionError(f"{what + ': ' if what else ''}images differ: mean |diff| {diff.mean():.4f}, max {diff.max()}")
+
+
 def named(**kw) -> List[Dict[str, Any]]:
     """The API's named form: one dict of FuseArgs fields."""
     return [dict(kw)]
@@ -145,7 +152,7 @@ def functional_mode():
 # ----------------------------------------------------------------------------- the host itself
 def test_host_is_deterministic_and_lora_changes_the_image(plain, subject_lora):
     """Preconditions of every comparison below: same seed = same pixels; the subject LoRA does something."""
-    assert np.array_equal(txt2img().image, plain.image)
+    assert_same(txt2img().image, plain.image)
     assert mean_abs_diff(subject_lora.image, plain.image) > 5.0
 
 
@@ -184,10 +191,10 @@ def test_script_info_lists_the_fields_in_order():
 
 # ----------------------------------------------------------------------------- extension off = the host's image
 def test_extension_off_gives_the_host_image(plain):
-    assert np.array_equal(txt2img(fuse=[False]).image, plain.image)
-    assert np.array_equal(txt2img(fuse=[False, SUBJECT, STYLE]).image, plain.image)
+    assert_same(txt2img(fuse=[False]).image, plain.image)
+    assert_same(txt2img(fuse=[False, SUBJECT, STYLE]).image, plain.image)
     off = txt2img(fuse=named(enabled=False, subject=SUBJECT, style=STYLE, method="merge"))
-    assert np.array_equal(off.image, plain.image)
+    assert_same(off.image, plain.image)
     assert INFOTEXT_KEY not in off.params
 
 
@@ -203,7 +210,26 @@ def test_zero_style_matches_builtin_functional_lora_exactly(functional_mode):
     reference = txt2img(f"{PROMPT} <lora:{SUBJECT}:1>")
     fused = txt2img(f"{PROMPT} <dynlora:{SUBJECT}:{ZERO}>")
     assert fused.messages() == []
-    assert np.array_equal(fused.image, reference.image), mean_abs_diff(fused.image, reference.image)
+    assert_same(fused.image, reference.image)
+
+
+def test_functional_mode_fusion_ignores_weights_a_merge_mode_job_left_merged():
+    """The builtin leaves a merge-mode LoRA merged after its job and, in functional mode with no <lora> tag,
+    does not restore it (networks.network_forward returns early when loaded_networks is empty): the fusion
+    must still start from the checkpoint's own weights, as <lora:A:1> in functional mode does."""
+    options = ok("GET", "/sdapi/v1/options")
+    if "lora_functional" not in options:
+        pytest.skip("this host has no lora_functional option (Forge)")
+    before = options["lora_functional"]
+    ok("POST", "/sdapi/v1/options", {"lora_functional": False})
+    txt2img(f"{PROMPT} <lora:{STYLE}:1>")
+    ok("POST", "/sdapi/v1/options", {"lora_functional": True})
+    try:
+        fused = txt2img(f"{PROMPT} <dynlora:{SUBJECT}:{ZERO}>")
+        reference = txt2img(f"{PROMPT} <lora:{SUBJECT}:1>")
+    finally:
+        ok("POST", "/sdapi/v1/options", {"lora_functional": before})
+    assert_same(fused.image, reference.image)
 
 
 def test_zero_subject_with_merge_matches_style_lora(functional_mode):
@@ -211,7 +237,7 @@ def test_zero_subject_with_merge_matches_style_lora(functional_mode):
     reference = txt2img(f"{PROMPT} <lora:{STYLE}:1>")
     fused = txt2img(fuse=named(enabled=True, subject=ZERO, style=STYLE, method="merge"))
     assert fused.messages() == []
-    assert np.array_equal(fused.image, reference.image), mean_abs_diff(fused.image, reference.image)
+    assert_same(fused.image, reference.image)
 
 
 # ----------------------------------------------------------------------------- API forms
@@ -220,8 +246,8 @@ def test_named_dict_form_equals_tag_and_positional_forms(plain):
     by_name = txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE, method="dynamic"))
     by_position = txt2img(fuse=[True, SUBJECT, STYLE, 1.0, 1.0, "dynamic"])
     assert by_name.messages() == []
-    assert np.array_equal(by_name.image, by_tag.image)
-    assert np.array_equal(by_position.image, by_name.image)
+    assert_same(by_name.image, by_tag.image)
+    assert_same(by_position.image, by_name.image)
     assert mean_abs_diff(by_name.image, plain.image) > 5.0
     assert INFOTEXT_KEY in by_name.params
 
@@ -238,7 +264,7 @@ def test_tag_items_override_the_ui_values():
     by_tag = txt2img(f"{PROMPT} <dynlora:{SUBJECT}:{STYLE}:method=merge:ws=0.5>")
     by_name = txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE, method="merge", style_weight=0.5))
     assert by_tag.messages() == []
-    assert np.array_equal(by_tag.image, by_name.image)
+    assert_same(by_tag.image, by_name.image)
 
 
 def test_other_lora_tags_keep_working_beside_the_fusion():
@@ -251,7 +277,7 @@ def test_other_lora_tags_keep_working_beside_the_fusion():
 def test_a_fused_lora_also_in_a_lora_tag_is_applied_once_with_a_message():
     alone = txt2img(f"{PROMPT} <dynlora:{SUBJECT}:{ZERO}>")
     both = txt2img(f"{PROMPT} <lora:{SUBJECT}:1> <dynlora:{SUBJECT}:{ZERO}>")
-    assert np.array_equal(both.image, alone.image)
+    assert_same(both.image, alone.image)
     assert any(SUBJECT in m for m in both.messages()), both.params
 
 
@@ -260,7 +286,7 @@ def test_heatmap_is_returned_only_when_asked():
     asked = txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE, heatmap=True))
     assert len(without.images) == 1
     assert len(asked.images) == 2
-    assert np.array_equal(asked.images[0], without.images[0])
+    assert_same(asked.images[0], without.images[0])
     assert asked.images[1].shape != asked.images[0].shape
 
 
@@ -281,7 +307,7 @@ def test_infotext_round_trip_reproduces_the_image():
             assert getattr(restored, f.name) == getattr(asked, f.name), f.name
 
     again = txt2img(fuse=named(**{k: v for k, v in dataclasses.asdict(restored).items() if v is not None}))
-    assert np.array_equal(again.image, first.image)
+    assert_same(again.image, first.image)
 
 
 # ----------------------------------------------------------------------------- bad input: an image and a message
@@ -311,7 +337,7 @@ def test_bad_input_gives_the_plain_image_and_a_message(case, plain):
     result = Result(decode(out["images"][0]), [], json.loads(out["info"]), out["images"][0])
     messages = result.messages()
     assert any(needle in m for m in messages), f"{case}: no message naming {needle!r} in {result.params}"
-    assert np.array_equal(result.image, plain.image), f"{case}: image differs from the plain one"
+    assert_same(result.image, plain.image, case)
 
 
 # ----------------------------------------------------------------------------- the model is restored
@@ -319,9 +345,8 @@ def test_plain_image_unchanged_after_fused_runs(plain):
     for method in METHODS:
         txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE, method=method, heatmap=True))
     txt2img(f"{PROMPT} <lora:{STYLE}:0.7> <dynlora:{SUBJECT}:{STYLE}:te=merge>")
-    assert np.array_equal(txt2img().image, plain.image)
-    assert np.array_equal(txt2img(f"{PROMPT} <lora:{SUBJECT}:1>").image,
-                          txt2img(f"{PROMPT} <lora:{SUBJECT}:1>").image)
+    assert_same(txt2img().image, plain.image)
+    assert_same(txt2img(f"{PROMPT} <lora:{SUBJECT}:1>").image, txt2img(f"{PROMPT} <lora:{SUBJECT}:1>").image)
 
 
 def test_plain_and_fused_images_unchanged_after_an_interrupted_fused_run(plain):
@@ -349,5 +374,5 @@ def test_plain_and_fused_images_unchanged_after_an_interrupted_fused_run(plain):
     status, out = done["result"]
     assert status == 200, str(out)[:2000]
     assert ok("GET", "/sdapi/v1/progress?skip_current_image=true")["state"]["interrupted"] is True
-    assert np.array_equal(txt2img().image, plain.image)
-    assert np.array_equal(txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE)).image, fused_before.image)
+    assert_same(txt2img().image, plain.image)
+    assert_same(txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE)).image, fused_before.image)
