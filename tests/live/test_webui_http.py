@@ -6,11 +6,14 @@ requests use 64x64 images and 2 steps). LoRA names (files in the host's Lora fol
 
     DYNFUSE_LIVE_SUBJECT  dyn_subject   a subject LoRA for the loaded checkpoint (non-zero weights)
     DYNFUSE_LIVE_STYLE    dyn_style     a style LoRA for the loaded checkpoint (non-zero weights)
-    DYNFUSE_LIVE_ZERO     dyn_zero      a LoRA whose weights are all zero (same layers as the style LoRA)
+    DYNFUSE_LIVE_ZERO     dyn_zero      a LoRA whose weights are all zero (the same layers as the other two)
     DYNFUSE_LIVE_SDXL     dyn_sdxl      a LoRA for another base model (an SDXL LoRA when an SD1.5 checkpoint is loaded)
     DYNFUSE_LIVE_BROKEN   dyn_broken    a .safetensors file that does not parse
 
-Run: `DYNFUSE_WEBUI_URL=http://127.0.0.1:7861 .venv/bin/python -m pytest -q tests/live`.
+Run: `DYNFUSE_WEBUI_URL=http://127.0.0.1:7861 .venv/bin/python -m pytest -q tests/live` (about 2-3 minutes on
+2 CPU cores with a tiny checkpoint). On an SDXL checkpoint, point the names at SDXL LoRAs and DYNFUSE_LIVE_SDXL at an
+SD1.5 LoRA. The tests that use the builtin's functional mode switch the host option `lora_functional` and restore
+it; they change the host's settings for as long as they run, so give the tests a WebUI of their own.
 
 Tolerances: the host's builtin Lora merges W + dW into the weights, while DynFuse adds the LoRA's output in low
 rank (W x + up(down(x))); both are exact maths but round differently, so `<dynlora:A:zero>` matches
