@@ -1,0 +1,155 @@
+"""AUTOMATIC1111 v1.10 side of the latent refinement (guidance_run.py): references, decoder, denoiser, settings.
+
+Host facts (upstream 82a973c0) this relies on:
+- Script.process runs before `with torch.no_grad()` (processing.py:914-919); seeds are known (:901-909).
+- A nested `process_images(p2)` with `p2.scripts = None` runs no script hook (every call is guarded by
+  `if p.scripts is not None`); class-level cond caches are replaced by fresh lists on p2 (processing.py:188-189);
+  `state.job_count == -1` is filled by the first processing run (:929-930), so references are counted by hand.
+- The CFG denoiser is an nn.Module, `p.sampler.model_wrap_cfg`, called as forward(x, sigma, uncond, cond,
+  cond_scale, s_min_uncond, image_cond) (sd_samplers_cfg_denoiser.py:33, :156) with its call counter `step` and
+  `total_steps` (sd_samplers_common.py:265-291); it returns x0 for k-diffusion samplers and eps for
+  CFGDenoiserTimesteps (DDIM/PLMS/UniPC: sd_samplers_timesteps.py:48-72, `alphas` = sd_model.alphas_cumprod).
+- First stage: `sd_model.first_stage_model.decode(z / sd_model.scale_factor)` in [-1,1]; TAESD:
+  `sd_vae_taesd.decoder_model()` maps UNet latents to [0,1] (sd_vae_taesd.py:97-119) but downloads a missing
+  file, so it is used only when models/VAE-taesd/<name> is on disk.
+Host modules are imported inside functions only.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from ..guidance import LatentDecoder, taesd_decoder, vae_decoder
+from ..layer_delta import FuseTarget
+
+log = logging.getLogger("dynfuse")
+
+SECTION = ("dynfuse", "DynFuse")
+OPTIONS = {   # key -> (default, label)
+    "dynfuse_clip_arch": ("ViT-L-14", "DynFuse guidance: CLIP architecture (open_clip name)"),
+    "dynfuse_clip_weights": ("", "DynFuse guidance: CLIP weights file or folder (empty: models/dynfuse, then the hub cache)"),
+    "dynfuse_dino_kind": ("dino-vits16", "DynFuse guidance: DINO model (dino-vits16, dino-vitb16, dinov2-small, dinov2-base)"),
+    "dynfuse_dino_weights": ("", "DynFuse guidance: DINO weights file or folder (empty: models/dynfuse, then the hub cache)"),
+    "dynfuse_show_references": (False, "DynFuse guidance: add the rendered references to the gallery"),
+}
+TAESD_FILES = (("is_sd3", "taesd3_decoder.pth"), ("is_sdxl", "taesdxl_decoder.pth"))
+
+
+def on_ui_settings() -> None:
+    """script_callbacks.on_ui_settings: the guidance weight paths (shared.opts, options.py:256)."""
+    from modules import shared
+    for key, (default, label) in OPTIONS.items():
+        shared.opts.add_option(key, shared.OptionInfo(default, label, section=SECTION))
+
+
+def option(key: str) -> Any:
+    from modules import shared
+    return getattr(shared.opts, key, OPTIONS[key][0])
+
+
+def taesd_file(sd_model: Any, models_path: str) -> str:
+    """Where the host keeps the TAESD decoder for this model family (sd_vae_taesd.py:98-110)."""
+    name = next((f for attr, f in TAESD_FILES if getattr(sd_model, attr, False)), "taesd_decoder.pth")
+    return os.path.join(models_path, "VAE-taesd", name)
+
+
+class A1111Guidance:
+    """GuidanceHost for AUTOMATIC1111 v1.10 (contract in guidance_run.py)."""
+
+    def __init__(self, host: Any):
+        self.host = host
+
+    # ------------------------------------------------------------------ references
+    def reference_settings(self, p: Any) -> Dict[str, Any]:
+        sd_model = p.sd_model
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        prompt = p.prompt if isinstance(p.prompt, str) else (p.prompt or [""])[0]
+        negative = p.negative_prompt if isinstance(p.negative_prompt, str) else (p.negative_prompt or [""])[0]
+        seeds = getattr(p, "all_seeds", None) or [p.seed]
+        return dict(model_hash=getattr(info, "shorthash", None) or getattr(sd_model, "sd_model_hash", "") or "",
+                    prompt=prompt, negative_prompt=negative, seed=int(seeds[0]), width=int(p.width),
+                    height=int(p.height), sampler=str(p.sampler_name), steps=int(p.steps),
+                    cfg_scale=float(p.cfg_scale), extra=(str(getattr(p, "scheduler", "") or ""),))
+
+    def nested_processing(self, p: Any, prompt: str, steps: int) -> Any:
+        """p2 for one reference: same seed, size, sampler, scheduler, CFG; no scripts, saving or grid."""
+        from modules import processing
+        s = self.reference_settings(p)
+        p2 = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=p.sd_model, prompt=prompt, negative_prompt=s["negative_prompt"], seed=s["seed"],
+            subseed=-1, sampler_name=p.sampler_name, scheduler=getattr(p, "scheduler", None), steps=steps,
+            cfg_scale=p.cfg_scale, width=p.width, height=p.height, batch_size=1, n_iter=1,
+            do_not_save_samples=True, do_not_save_grid=True, override_settings={})
+        p2.scripts = None
+        p2.cached_c, p2.cached_uc = [None, None], [None, None]
+        p2.dynfuse_reference = True
+        return p2
+
+    def render_reference(self, p: Any, prompt: str, steps: int, targets: List[FuseTarget], args: Any) -> Optional[Any]:
+        """One nested generation with only this LoRA's deltas through our hooks; None when interrupted/skipped."""
+        from modules import processing, shared
+        from ..session import FuseSession
+        state = shared.state
+        p2 = self.nested_processing(p, prompt, steps)
+        saved = (state.job_count, state.job_no, state.processing_has_refined_job_count)
+        state.job_count = max(state.job_count, 0) + 1     # the progress bar counts this render
+        try:
+            with FuseSession(targets, method="merge", record=False, te_mode=args.text_encoder):
+                processed = processing.process_images(p2)
+        finally:
+            p2.close()
+            state.job_count, state.job_no, state.processing_has_refined_job_count = saved
+        if state.interrupted or state.skipped or not processed.images:
+            return None
+        return processed.images[0]
+
+    # ------------------------------------------------------------------ encoders and decoder
+    def models_dir(self) -> str:
+        from modules import paths
+        return os.path.join(paths.models_path, "dynfuse")
+
+    def encoder_settings(self) -> Dict[str, Any]:
+        from modules import devices
+        return dict(clip_arch=option("dynfuse_clip_arch"), clip_weights=option("dynfuse_clip_weights") or None,
+                    dino_kind=option("dynfuse_dino_kind"), dino_weights=option("dynfuse_dino_weights") or None,
+                    search_dirs=(self.models_dir(),), device=devices.device, dtype=torch.float32)
+
+    def decoder(self, p: Any, kind: str) -> Tuple[torch.nn.Module, str]:
+        """TAESD when asked ('taesd') or available ('auto') and on disk; else the full first stage."""
+        sd_model = p.sd_model
+        note = ""
+        if kind in ("auto", "taesd"):
+            from modules import paths
+            path = taesd_file(sd_model, paths.models_path)
+            if os.path.isfile(path):
+                from modules import sd_vae_taesd
+                return taesd_decoder(sd_vae_taesd.decoder_model()), ""
+            if kind == "taesd":
+                note = f"DynFuse guidance: no TAESD decoder at {path} (nothing is downloaded); using the full VAE"
+        return vae_decoder(sd_model.first_stage_model, scaling_factor=float(sd_model.scale_factor)), note
+
+    # ------------------------------------------------------------------ sampling
+    def denoiser(self, p: Any) -> Optional[torch.nn.Module]:
+        return getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
+
+    def prediction(self, denoiser: Any) -> str:
+        """CFGDenoiserTimesteps returns eps (it has `alphas`, sd_samplers_timesteps.py:56-64)."""
+        return "eps" if type(denoiser).__name__ == "CFGDenoiserTimesteps" or hasattr(denoiser, "alphas") else "x0"
+
+    def alphas_cumprod(self, p: Any, denoiser: Any) -> torch.Tensor:
+        alphas = getattr(denoiser, "alphas", None)
+        return alphas if alphas is not None else p.sd_model.alphas_cumprod
+
+    def xt_problem(self) -> str:
+        return ""
+
+    def show_references(self) -> bool:
+        return bool(option("dynfuse_show_references"))
+
+
+def first_stage(decoder: LatentDecoder) -> torch.nn.Module:
+    """The module a LatentDecoder decodes with (tests compare it with the host's)."""
+    return decoder.module

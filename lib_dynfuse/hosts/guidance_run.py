@@ -1,0 +1,331 @@
+"""Latent refinement in a WebUI generation (paper Sec. 4.2, Eq. 14-20): references, encoders, per-step correction.
+
+Host-independent; a host supplies a small `GuidanceHost` (a1111_guidance.py, forge_guidance.py). One generation:
+
+    begin(host, p)                  Script.process (outside no_grad / inference_mode): load encoders, then the
+                                    subject and style references (given images, the cache, or nested renders
+                                    through a FuseSession holding only that LoRA's deltas), build the refiner
+    before_every_sampling(host, p)  after the host made its sampler: hooks on the CFG denoiser of this pass
+    finish(host, p, processed)      Script.postprocess: hooks gone, a summary in the infotext, references shown
+
+The correction sits on the CFG denoiser module (an nn.Module in both hosts, called once per sampler call as
+`denoiser(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)`):
+- "x0" gradient: a forward hook moves the returned prediction, x0-hat (k-diffusion samplers) or eps (DDIM/PLMS/
+  UniPC: eps -> x0-hat -> corrected x0 -> eps, conversions exact);
+- "xt" gradient: a forward pre-hook differentiates R through one more denoiser forward and moves the sampler's
+  own x_t in place (Eq. 20).
+When anything needed is missing the generation goes on without guidance and the run's report says why.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+
+import torch
+
+from ..guidance import (EncoderStore, GuidanceUnavailable, LatentRefiner, ReferenceCache, ReferenceImageError,
+                        ReferenceKey, decode_image_arg, paper_scorer)
+from ..guidance import conversions as cv
+from ..layer_delta import FuseTarget
+from . import common
+
+log = logging.getLogger("dynfuse")
+
+GUIDANCE_ATTR = "dynfuse_guidance"
+SUMMARY_KEY = "DynFuse guidance"
+ROLES = ("subject", "style")
+ENCODERS = EncoderStore()        # CLIP and DINO stay loaded between generations (reloaded when a setting changes)
+REFERENCES = ReferenceCache()    # rendered references, keyed by everything that changes them
+_TAG = re.compile(r"<%s:[^>]*>" % common.TAG_NAME)
+
+
+class GuidanceHost(Protocol):
+    """What a WebUI provides (see a1111_guidance.py for the real one and its host citations)."""
+
+    def reference_settings(self, p: Any) -> Dict[str, Any]: ...       # model_hash, prompt, seed, width, height, ...
+
+    def render_reference(self, p: Any, prompt: str, steps: int, targets: List[FuseTarget],
+                         args: Any) -> Optional[Any]: ...               # one PIL image, None when interrupted
+
+    def encoder_settings(self) -> Dict[str, Any]: ...                   # EncoderStore.get kwargs
+
+    def decoder(self, p: Any, kind: str) -> Tuple[torch.nn.Module, str]: ...   # (decoder, note or '')
+
+    def denoiser(self, p: Any) -> Optional[torch.nn.Module]: ...        # the CFG denoiser of the current pass
+
+    def prediction(self, denoiser: Any) -> str: ...                     # "x0" or "eps"
+
+    def alphas_cumprod(self, p: Any, denoiser: Any) -> torch.Tensor: ...
+
+    def xt_problem(self) -> str: ...                                    # why "xt" cannot run here ('' = it can)
+
+    def show_references(self) -> bool: ...
+
+
+# ----------------------------------------------------------------------------- pure helpers
+def strip_tags(prompt: str) -> str:
+    """The prompt without `<dynlora:...>` (a reference is one LoRA alone, never the fusion)."""
+    return _TAG.sub("", prompt or "").strip()
+
+
+def single_lora_targets(targets: Sequence[FuseTarget], role: str) -> List[FuseTarget]:
+    """The targets of one LoRA alone (Eq. 14-15): the other branch None, layers it does not touch dropped."""
+    keep = "subject" if role == "subject" else "style"
+    drop = "style" if keep == "subject" else "subject"
+    return [replace(t, **{drop: None}) for t in targets if getattr(t, keep) is not None]
+
+
+def reference_key(role: str, settings: Dict[str, Any], lora_hash: str, weight: float, prompt: str,
+                  steps: int) -> ReferenceKey:
+    """The cache key of one reference render: model, LoRA hash and weight, prompts, seed, size, sampler, steps."""
+    return ReferenceKey(role=role, model_hash=str(settings.get("model_hash", "")), loras=((lora_hash, float(weight)),),
+                        prompt=prompt, seed=int(settings["seed"]), width=int(settings["width"]),
+                        height=int(settings["height"]), sampler=str(settings.get("sampler", "")), steps=int(steps),
+                        negative_prompt=str(settings.get("negative_prompt", "")),
+                        cfg_scale=float(settings.get("cfg_scale", 0.0)), extra=tuple(settings.get("extra", ())))
+
+
+def denoiser_progress(denoiser: Any, after_call: bool) -> Tuple[int, int]:
+    """(call index, calls expected) from the denoiser's own counters (sd_samplers_common.py:265-291);
+    the counter is incremented at the end of forward (sd_samplers_cfg_denoiser.py:310)."""
+    step = int(getattr(denoiser, "step", 0)) - (1 if after_call else 0)
+    return max(step, 0), max(int(getattr(denoiser, "total_steps", 0) or 1), 1)
+
+
+# ----------------------------------------------------------------------------- one generation
+@dataclass
+class StepLog:
+    step: int
+    total: int
+    residual: float
+
+
+class GuidanceRun:
+    """The refinement state of one generation: references, refiner, denoiser hooks, log."""
+
+    def __init__(self, run: "common.FuseRun", host: GuidanceHost, p: Any = None, encoders: Any = None,
+                 references: Optional[ReferenceCache] = None):
+        self.run, self.host, self.p = run, host, p
+        self.encoders = encoders or ENCODERS
+        self.cache = references or REFERENCES
+        self.refiner: Optional[LatentRefiner] = None
+        self.images: Dict[str, Any] = {}
+        self.rendered: List[str] = []
+        self.log: List[StepLog] = []
+        self._handles: List[Any] = []
+        self._busy = False
+
+    # ------------------------------------------------------------------ set-up (Script.process)
+    def prepare(self, p: Any) -> bool:
+        """Encoders, references and the refiner; False (and a message in the report) when guidance is off."""
+        args = self.run.args
+        try:
+            targets = self.run.prepare(p)
+            if not targets:
+                return False          # the fusion itself reported why
+            clip, dino = self.encoders.get(**self.host.encoder_settings())   # first: no renders if weights are missing
+            for role in ROLES:
+                image = self._reference(p, role, targets)
+                if image is None:
+                    self.run.note("DynFuse guidance: the reference render was interrupted - no guidance", p)
+                    return False
+                self.images[role] = image
+            decoder, note = self.host.decoder(p, args.guidance_decoder)
+            if note:
+                self.run.note(note, p)
+            grad = args.guidance_grad
+            problem = self.host.xt_problem() if grad == "xt" else ""
+            if problem:
+                self.run.note(f"DynFuse guidance: {problem}; using the x0 gradient instead", p)
+                grad = "x0"
+            scorer = paper_scorer(clip, dino, self.images["subject"], self.images["style"])
+            self.refiner = LatentRefiner(decoder, scorer, scale=args.guidance_scale, grad=grad,
+                                         start=args.guidance_start, end=args.guidance_end)
+            return True
+        except (GuidanceUnavailable, ReferenceImageError) as e:
+            self.run.note(f"{e}\n(the image was generated without guidance)", p)
+        return False
+
+    def _reference(self, p: Any, role: str, targets: List[FuseTarget]) -> Optional[Any]:
+        args = self.run.args
+        given = args.subject_image if role == "subject" else args.style_image
+        if given is not None and not (isinstance(given, str) and not given.strip()):
+            return decode_image_arg(given)
+        settings = self.host.reference_settings(p)
+        own = args.subject_prompt if role == "subject" else args.style_prompt
+        prompt = strip_tags(own or settings.get("prompt", ""))
+        steps = int(args.reference_steps or settings["steps"])
+        weight = args.subject_weight if role == "subject" else args.style_weight
+        lora = args.subject if role == "subject" else args.style
+        key = reference_key(role, settings, self.run.hashes.get(role) or lora, weight, prompt, steps)
+        chosen = single_lora_targets(targets, role)
+
+        def render():
+            image = self.host.render_reference(p, prompt, steps, chosen, args)
+            if image is None:
+                raise _Interrupted()
+            self.rendered.append(role)
+            return [image]
+
+        try:
+            images, _ = self.cache.get_or_render(key, render)
+        except _Interrupted:
+            return None
+        return images[0]
+
+    # ------------------------------------------------------------------ per pass (process_before_every_sampling)
+    def attach(self, denoiser: torch.nn.Module) -> None:
+        """Hooks on this pass's CFG denoiser; the previous pass's go first."""
+        self.detach()
+        if self.refiner is None or denoiser is None:
+            return
+        self._handles = [denoiser.register_forward_pre_hook(self._before_call),
+                         denoiser.register_forward_hook(self._after_call)]
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _before_call(self, denoiser: Any, inputs: tuple):
+        """x_t gradient (Eq. 20): x_t <- x_t - m * grad_xt R, in place, so the UNet and the sampler see it."""
+        if self._busy or self.refiner.grad != "xt":
+            return None
+        step, total = denoiser_progress(denoiser, after_call=False)
+        if not self.refiner.active(step, total):
+            return None
+        x = inputs[0]
+        model_fn = self._model_fn(denoiser, inputs)
+        _, info = self.refiner.correct_xt(x, model_fn)
+        with torch.no_grad():
+            x.sub_((self.refiner.scale * info.grad).to(x.dtype))
+        self._record(step, total, info)
+        return None
+
+    def _after_call(self, denoiser: Any, inputs: tuple, output: torch.Tensor):
+        """x0 gradient: the denoiser's prediction (x0-hat, or eps for timestep samplers) moved by -m grad R."""
+        if self._busy or self.refiner.grad != "x0":
+            return None
+        step, total = denoiser_progress(denoiser, after_call=True)
+        if not self.refiner.active(step, total):
+            return None
+        if self.host.prediction(denoiser) == "eps":
+            a = self._alpha(denoiser, inputs)
+            new, info = self.refiner.correct_eps(inputs[0], output, a)
+        else:
+            new, info = self.refiner.correct_x0(output)
+        self._record(step, total, info)
+        return new.to(dtype=output.dtype)
+
+    def _alpha(self, denoiser: Any, inputs: tuple) -> torch.Tensor:
+        """alpha-bar of the timesteps the timestep samplers pass as `sigma` (sd_samplers_timesteps_impl.py:24)."""
+        alphas = self.host.alphas_cumprod(self.p, denoiser)
+        t = inputs[1].round().long().clamp(0, alphas.shape[0] - 1)
+        return alphas.to(t.device)[t].float()
+
+    def _model_fn(self, denoiser: Any, inputs: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x_t -> x0-hat through the denoiser's own forward (hooks skipped, its call counter kept)."""
+        rest = inputs[1:]
+        eps = self.host.prediction(denoiser) == "eps"
+
+        def model_fn(x):
+            saved = denoiser.step
+            self._busy = True
+            try:
+                out = denoiser.forward(x, *rest)
+            finally:
+                denoiser.step = saved
+                self._busy = False
+            return cv.eps_to_x0(x, out, self._alpha(denoiser, inputs)) if eps else out
+        return model_fn
+
+    def _record(self, step: int, total: int, info: Any) -> None:
+        self.log.append(StepLog(step, total, float(info.residual.mean())))
+
+    # ------------------------------------------------------------------ outputs
+    def summary(self) -> Optional[str]:
+        """e.g. `R 0.512 -> 0.498, 4 corrections, grad x0` for the infotext, or None when nothing was corrected."""
+        if not self.log:
+            return None
+        return (f"R {self.log[0].residual:.4f} -> {self.log[-1].residual:.4f}, {len(self.log)} corrections, "
+                f"grad {self.refiner.grad}")
+
+
+class _Interrupted(Exception):
+    """A reference render came back without an image (the user interrupted or skipped)."""
+
+
+# ----------------------------------------------------------------------------- entry points (scripts/dynfuse.py)
+def glue(host: Any) -> GuidanceHost:
+    """The GuidanceHost of a HostAdapter (built once per adapter and kept on it)."""
+    got = getattr(host, "_dynfuse_guidance_glue", None)
+    if got is None:
+        if getattr(host, "name", "") == "forge":
+            from .forge_guidance import ForgeGuidance
+            got = ForgeGuidance(host)
+        else:
+            from .a1111_guidance import A1111Guidance
+            got = A1111Guidance(host)
+        host._dynfuse_guidance_glue = got
+    return got
+
+
+def on_ui_settings() -> None:
+    """script_callbacks.on_ui_settings: the guidance settings (the same shared.opts API in both hosts)."""
+    from .a1111_guidance import on_ui_settings as add_options
+    add_options()
+
+
+def begin(host: Any, p: Any, ghost: Optional[GuidanceHost] = None, **kwargs) -> Optional[GuidanceRun]:
+    """Script.process, after common.begin: set up guidance when asked; p.sample drops the hooks in `finally`."""
+    run = getattr(p, common.RUN_ATTR, None)
+    if run is None or not run.enabled or not run.args.guidance:
+        return None
+    if getattr(p, GUIDANCE_ATTR, None) is not None:
+        return getattr(p, GUIDANCE_ATTR)
+    grun = GuidanceRun(run, ghost or glue(host), p, **kwargs)
+    setattr(p, GUIDANCE_ATTR, grun)
+    if not grun.prepare(p):
+        return grun
+    sample = p.sample
+    inner = p.__dict__.get("sample")    # an instance wrapper of another part (hosts' install), or None
+
+    def sample_guided(*a, **kw):
+        try:
+            return sample(*a, **kw)
+        finally:
+            grun.detach()
+            summary = grun.summary()
+            params = getattr(p, "extra_generation_params", None)
+            if summary and params is not None:
+                params[SUMMARY_KEY] = summary
+    sample_guided.dynfuse_inner = inner
+    p.sample = sample_guided
+    return grun
+
+
+def before_every_sampling(host: Any, p: Any, ghost: Optional[GuidanceHost] = None) -> None:
+    """Script.process_before_every_sampling: the sampler of this pass exists (processing.py:1308/1386)."""
+    grun = getattr(p, GUIDANCE_ATTR, None)
+    if grun is not None and grun.refiner is not None:
+        grun.attach((ghost or grun.host).denoiser(p))
+
+
+def finish(host: Any, p: Any, processed: Any) -> None:
+    """Script.postprocess: hooks gone (also done by p.sample), rendered references into the gallery if asked."""
+    grun = getattr(p, GUIDANCE_ATTR, None)
+    if grun is None:
+        return
+    grun.detach()
+    wrapper = p.__dict__.get("sample")
+    if getattr(wrapper, "__name__", "") == "sample_guided":
+        if wrapper.dynfuse_inner is None:
+            p.__dict__.pop("sample")
+        else:
+            p.sample = wrapper.dynfuse_inner
+    if processed is not None and grun.images and grun.host.show_references():
+        for role in ROLES:
+            if role in grun.images:
+                host.add_image(p, processed, grun.images[role], f"DynFuse {role} reference")

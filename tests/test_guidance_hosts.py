@@ -1,0 +1,284 @@
+"""Latent refinement in the A1111 stand-in process (scripts/dynfuse.py -> hosts/guidance_run.py + a1111_guidance.py).
+
+A tiny SD1.5-layout UNet, random-weight CLIP (open_clip) and DINO (transformers ViT) files in the host's
+models/dynfuse folder, a diffusers TAESD-architecture first stage: references are nested generations through our
+hooks, cached; the correction moves the CFG denoiser's prediction in [start, end]; missing weights leave the
+fused image as it is, with a message.
+"""
+import base64
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from lib_dynfuse.guidance import LatentRefiner, paper_scorer, residual_grad_x0, vae_decoder
+from lib_dynfuse.hosts import guidance_run
+from tests.fixtures import lora_files, models
+from tests.standins.env import HostEnv, hooks_left, images_equal
+from tests.test_guidance_encoders import TINY_CLIP, save_clip, save_dino_folder, tiny_taesd
+
+PROMPT = "a photo of a cat"
+
+
+class CheckpointInfo:
+    """sd_models.CheckpointInfo.shorthash (sd_models.py:60-115)."""
+    shorthash = "abc123"
+
+
+def nested_txt2img_class(base):
+    """The stand-in Txt2Img with the dataclass keywords a nested run passes (processing.py:137-182, :1166-1181)
+    and close() (processing.py:404-410)."""
+
+    class Txt2Img(base):
+        def __init__(self, sd_model=None, subseed=-1, scheduler=None, do_not_save_samples=False,
+                     do_not_save_grid=False, override_settings=None, **kw):
+            super().__init__(**kw)
+            self.subseed, self.scheduler = subseed, scheduler
+            self.do_not_save_samples, self.do_not_save_grid = do_not_save_samples, do_not_save_grid
+            self.override_settings = dict(override_settings or {})
+            self.closed = False
+
+        def close(self):
+            self.closed = True
+
+    return Txt2Img
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    unet, te = models.tiny_sd15_unet(0), models.tiny_sd15_text_encoder(0)
+    sd1 = {"ss_base_model_version": "sd_v1"}
+    lora_files.write_kohya_lora(unet, folder / "subj.safetensors", te_layers={"lora_te": te}, seed=1, metadata=sd1)
+    lora_files.write_kohya_lora(unet, folder / "sty.safetensors", te_layers={"lora_te": te}, seed=2, metadata=sd1)
+    models_path = tmp_path_factory.mktemp("models")
+    save_clip(str(models_path / "dynfuse"), seed=3)
+    save_dino_folder(str(models_path / "dynfuse" / "dino-vits16"), seed=4)
+    with HostEnv(str(folder)) as e:
+        from modules import paths, processing, shared
+        paths.models_path = str(models_path)       # paths_internal.py:31 (re-exported by paths.py)
+        processing.StableDiffusionProcessingTxt2Img = nested_txt2img_class(processing.StableDiffusionProcessingTxt2Img)
+        shared.state.job_no, shared.state.processing_has_refined_job_count = 0, False   # shared_state.py:17-19
+        shared.opts.dynfuse_clip_arch = TINY_CLIP
+        e.model.first_stage_model = tiny_taesd(5)  # decode(z) -> [-1, 1]; 4x8x8 -> 3x32x32
+        e.model.scale_factor = 0.18215
+        e.model.sd_checkpoint_info = CheckpointInfo()
+        e.models_path = models_path
+        guidance_run.REFERENCES.clear()
+        guidance_run.ENCODERS.clear()
+        yield e
+    guidance_run.REFERENCES.clear()
+    guidance_run.ENCODERS.clear()
+
+
+def generate(env, steps=2, seed=7, prompt=PROMPT, **fields):
+    if fields.get("guidance"):
+        fields.setdefault("reference_steps", 1)       # cheap references (cached across tests: same key)
+    args = env.ui_values(enabled=True, subject="subj", style="sty", **fields)
+    return env.txt2img(args, prompt=prompt, steps=steps, seed=seed)
+
+
+def guided(p):
+    return getattr(p, guidance_run.GUIDANCE_ATTR)
+
+
+def test_references_render_once_per_key_and_guidance_changes_the_image(env):
+    cache = guidance_run.REFERENCES
+    cache.clear()
+    before = cache.renders
+    plain, res_plain = generate(env)
+    p1, res1 = generate(env, guidance=True)
+    assert cache.renders - before == 2 and guided(p1).rendered == ["subject", "style"]
+    assert [s.step for s in guided(p1).log] == [0, 1]
+    assert "DynFuse guidance" in p1.extra_generation_params
+    assert not torch.equal(p1.samples[0], plain.samples[0])
+    p2, res2 = generate(env, guidance=True)            # same settings: nothing rendered again
+    assert cache.renders - before == 2 and guided(p2).rendered == []
+    assert torch.equal(p1.samples[0], p2.samples[0]) and images_equal(res1.images, res2.images)
+    p3, _ = generate(env, guidance=True, seed=8)       # another seed: two new renders
+    assert cache.renders - before == 4 and guided(p3).rendered == ["subject", "style"]
+
+
+def test_subject_reference_is_the_subject_lora_alone(env):
+    """The subject reference = a plain generation with `<lora:subj:1>` (builtin weight merge), same seed/steps."""
+    from modules import shared
+    guidance_run.REFERENCES.clear()
+    shared.opts.dynfuse_show_references = True
+    try:
+        p, res = generate(env, steps=2, guidance=True, reference_steps=0, guidance_end=0.0)
+    finally:
+        shared.opts.dynfuse_show_references = False
+    only, res_only = env.txt2img(env.ui_values(), prompt=PROMPT + " <lora:subj:1>", steps=2, seed=7)
+    assert len(res.images) == 3 and res.infotexts[1:] == ["DynFuse subject reference", "DynFuse style reference"]
+    subject, style = (np.asarray(im, dtype=np.int16) for im in res.images[1:])
+    assert np.abs(subject - np.asarray(res_only.images[0], dtype=np.int16)).max() <= 1   # same math, other order
+    assert np.abs(style - subject).max() > 10
+
+
+def _png_base64(seed):
+    from PIL import Image
+    arr = np.random.default_rng(seed).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii"), arr
+
+
+def test_given_images_replace_the_renders(env):
+    guidance_run.REFERENCES.clear()
+    before = guidance_run.REFERENCES.renders
+    (subj64, subj), (sty64, sty) = _png_base64(1), _png_base64(2)
+    p, _ = generate(env, steps=2, guidance=True, subject_image=subj64, style_image=sty64)
+    g = guided(p)
+    assert guidance_run.REFERENCES.renders == before and g.rendered == []
+    assert np.array_equal(np.asarray(g.images["subject"]), subj) and np.array_equal(np.asarray(g.images["style"]), sty)
+    assert len(g.log) == 2
+
+
+def test_correction_only_inside_start_end(env):
+    p, _ = generate(env, steps=2, guidance=True, guidance_start=0.5, guidance_end=1.0)
+    assert [s.step for s in guided(p).log] == [1]
+    empty, _ = generate(env, steps=2, guidance=True, guidance_start=0.5, guidance_end=0.5)
+    plain, _ = generate(env, steps=2)
+    assert guided(empty).log == [] and torch.equal(empty.samples[0], plain.samples[0])
+
+
+def test_first_correction_is_the_refiner_step_on_the_denoiser_output(env):
+    """Step 0 of a guided run moves the CFG-x0 exactly by -m * grad R (Euler: x1 = x0-hat + sigma1/sigma0 (x - x0-hat))."""
+    p, _ = generate(env, steps=1, guidance=True, guidance_scale=25.0, reference_steps=1)
+    plain, _ = generate(env, steps=1)
+    g = guided(p)
+    # one Euler step to sigma 0 returns the denoiser's output itself: the final latent is the corrected x0
+    _, grad = residual_grad_x0(plain.samples[0], g.refiner.decoder, g.refiner.scorer, g.refiner.image_range)
+    torch.testing.assert_close(p.samples[0], plain.samples[0] - 25.0 * grad, rtol=1e-5, atol=1e-5)
+    assert grad.abs().max() > 0
+
+
+def test_xt_gradient_moves_the_sampler_latent_and_everything_is_restored(env):
+    snapshot = env.state_snapshot()
+    grad_before = torch.is_grad_enabled()
+    p_x0, _ = generate(env, steps=2, guidance=True)
+    p, _ = generate(env, steps=2, guidance=True, guidance_grad="xt")
+    g = guided(p)
+    assert g.refiner.grad == "xt" and [s.step for s in g.log] == [0, 1]
+    assert not torch.equal(p_x0.samples[0], p.samples[0])
+    assert torch.is_grad_enabled() == grad_before
+    assert hooks_left(env.model) == 0 and hooks_left(p.sampler.model_wrap_cfg) == 0
+    assert "sample" not in p.__dict__
+    after = env.state_snapshot()
+    assert all(torch.equal(snapshot[k], after[k]) for k in snapshot)
+
+
+def test_missing_weights_give_the_fused_image_and_a_message(env, tmp_path, monkeypatch):
+    from modules import paths
+    monkeypatch.setattr(paths, "models_path", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    guidance_run.ENCODERS.clear()
+    guidance_run.REFERENCES.clear()
+    before = guidance_run.REFERENCES.renders
+    p, res = generate(env, steps=2, guidance=True)
+    plain, res_plain = generate(env, steps=2)
+    message = p.extra_generation_params.get("DynFuse message", "")
+    assert "DynFuse guidance is off" in message and os.path.join(str(tmp_path), "dynfuse") in message
+    assert "without guidance" in message
+    assert guidance_run.REFERENCES.renders == before        # weights are checked before anything is rendered
+    assert torch.equal(p.samples[0], plain.samples[0]) and images_equal(res.images, res_plain.images)
+    assert "DynFuse" in p.extra_generation_params             # fusion itself still on
+    guidance_run.ENCODERS.clear()
+
+
+def test_interrupted_reference_means_no_guidance(env, monkeypatch):
+    from modules import processing, shared
+    from lib_dynfuse.hosts import a1111_guidance
+    guidance_run.REFERENCES.clear()
+    real_render, real_process = a1111_guidance.A1111Guidance.render_reference, processing.process_images
+
+    def skipped_process(p2):
+        res = real_process(p2)
+        shared.state.skipped = True          # the user pressed Skip during the reference (shared_state.py:52-55)
+        return res
+
+    def render(self, *a, **kw):
+        try:
+            return real_render(self, *a, **kw)
+        finally:
+            shared.state.skipped = False     # the host's batch loop clears it (processing.py:935-936)
+    monkeypatch.setattr(processing, "process_images", skipped_process)
+    monkeypatch.setattr(a1111_guidance.A1111Guidance, "render_reference", render)
+    p, _ = generate(env, steps=2, guidance=True, seed=99)
+    assert guided(p).refiner is None and len(guidance_run.REFERENCES) == 0
+    assert "interrupted" in p.extra_generation_params.get("DynFuse message", "")
+
+
+# ----------------------------------------------------------------------------- eps samplers (DDIM/PLMS/UniPC)
+class TimestepsDenoiser(torch.nn.Module):
+    """CFGDenoiserTimesteps (sd_samplers_timesteps.py:48-72): forward(x, t, uncond, cond, cond_scale, s_min_uncond,
+    image_cond) returns the CFG-combined eps; `alphas` = sd_model.alphas_cumprod; `step` += 1 per call
+    (sd_samplers_cfg_denoiser.py:310)."""
+
+    def __init__(self, alphas):
+        super().__init__()
+        torch.manual_seed(0)
+        self.eps_model = torch.nn.Conv2d(4, 4, 3, padding=1).double()
+        self.alphas, self.step, self.total_steps = alphas, 0, 4
+
+    def forward(self, x, t, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        out = self.eps_model(x) * (1.0 + t.double()[:, None, None, None] / 1000)
+        self.step += 1
+        return out
+
+
+class FixedHost:
+    """A GuidanceHost whose denoiser is an eps predictor (the rest is never called in this test)."""
+
+    def prediction(self, denoiser):
+        return "eps"
+
+    def alphas_cumprod(self, p, denoiser):
+        return denoiser.alphas
+
+
+def test_eps_sampler_output_is_converted_exactly():
+    from tests.test_guidance_encoders import tiny_encoders
+    clip, dino = tiny_encoders(0, dtype=torch.float64)
+    decoder = vae_decoder(tiny_taesd(0).double(), scaling_factor=0.18215)
+    g = torch.Generator().manual_seed(3)
+    scorer = paper_scorer(clip, dino, torch.rand(1, 3, 32, 32, generator=g).double(),
+                          torch.rand(1, 3, 32, 32, generator=g).double())
+    alphas = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
+    denoiser = TimestepsDenoiser(alphas)
+    grun = guidance_run.GuidanceRun(run=None, host=FixedHost())
+    grun.refiner = LatentRefiner(decoder, scorer, scale=10.0, grad="x0")
+    x = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([500.0, 500.0], dtype=torch.float64)
+    with torch.no_grad():
+        eps = denoiser(x, t, None, None, 7.0, 0.0, None)
+    grun.attach(denoiser)
+    try:
+        with torch.no_grad():
+            out = denoiser(x, t, None, None, 7.0, 0.0, None)
+    finally:
+        grun.detach()
+    a = alphas[500]
+    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()                       # eps -> x0-hat
+    _, grad = residual_grad_x0(x0, decoder, scorer, decoder.image_range)
+    x0_new = x0 - 10.0 * grad                                         # Eq. 20 in x0 space
+    want = (x - a.sqrt() * x0_new) / (1 - a).sqrt()                   # x0 -> eps
+    torch.testing.assert_close(out, want, rtol=1e-8, atol=1e-8)
+    assert (out - eps).abs().max() > 1e-4 and [s.step for s in grun.log] == [1]
+    assert len(denoiser._forward_hooks) == 0 and len(denoiser._forward_pre_hooks) == 0
+
+
+def test_single_lora_targets_keep_one_branch():
+    from lib_dynfuse.layer_delta import FuseTarget, LayerDelta
+    lin = torch.nn.Linear(2, 2)
+    d = LayerDelta(down=torch.ones(1, 2), up=torch.ones(2, 1))
+    targets = [FuseTarget(name="a", module=lin, group="unet", subject=d, style=d),
+               FuseTarget(name="b", module=lin, group="unet", subject=None, style=d),
+               FuseTarget(name="c", module=lin, group="te", subject=d, style=None)]
+    subj = guidance_run.single_lora_targets(targets, "subject")
+    sty = guidance_run.single_lora_targets(targets, "style")
+    assert [(t.name, t.subject is d, t.style) for t in subj] == [("a", True, None), ("c", True, None)]
+    assert [(t.name, t.subject, t.style is d) for t in sty] == [("a", None, True), ("b", None, True)]
+    assert guidance_run.strip_tags("a cat <dynlora:x:y:g=1> <lora:z:1>") == "a cat  <lora:z:1>"
