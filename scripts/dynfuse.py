@@ -13,6 +13,7 @@ if _ROOT not in sys.path:
 
 from lib_dynfuse import __version__  # noqa: E402
 from lib_dynfuse.hosts import adapter, common, ui as dynfuse_ui  # noqa: E402
+from lib_dynfuse.hosts import guidance_run  # noqa: E402  (latent refinement, issue 4)
 
 HOST = adapter()
 
@@ -36,13 +37,16 @@ class Script(scripts.Script):
 
     def process(self, p, *args):
         common.begin(HOST, p, args)
+        guidance_run.begin(HOST, p)   # references + refiner, before the host's no_grad / inference_mode block
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         hook = getattr(HOST, "before_every_sampling", None)
         if hook is not None:
             hook(p, **kwargs)
+        guidance_run.before_every_sampling(HOST, p)   # correction hooks on this pass's CFG denoiser
 
     def postprocess(self, p, processed, *args):
+        guidance_run.finish(HOST, p, processed)
         common.finish(HOST, p, processed)
 
 
@@ -71,5 +75,7 @@ def _add_routes(demo, app):
 # extra_networks.initialize() clears the registry after scripts load: register before the UI (real-host-facts.md)
 script_callbacks.on_before_ui(_register_extra_network)
 script_callbacks.on_app_started(_add_routes)
+if hasattr(script_callbacks, "on_ui_settings"):
+    script_callbacks.on_ui_settings(guidance_run.on_ui_settings)   # guidance weight paths (shared.opts)
 if hasattr(HOST, "on_cfg_denoiser"):
     script_callbacks.on_cfg_denoiser(HOST.on_cfg_denoiser)
