@@ -1,4 +1,5 @@
-"""Stable Diffusion WebUI Forge adapter: Forge's own LoRA parser -> FuseTargets, hooks per UNet call.
+"""Stable Diffusion WebUI Forge adapter (`ForgeHost`, see common.py's HostAdapter): Forge's own LoRA parser ->
+LayerDeltas, hooks per UNet call.
 
 Forge merges every LoRA into the weights; its `backend.operations.Linear` is not an `nn.Linear`; it samples
 under `torch.inference_mode()`. So (host facts: shared/reference/webui-forge.md, real-host-facts.md):
@@ -9,7 +10,10 @@ under `torch.inference_mode()`. So (host facts: shared/reference/webui-forge.md,
 - the forward hooks live only inside one UNet call: a wrapper on a *cloned* UnetPatcher
   (`set_model_unet_function_wrapper`, backend/patcher/base.py:146), called as
   `wrapper(apply_model, {"input", "timestep", "c", "cond_or_uncond"})` (backend/sampling/sampling_function.py:270-273);
-- the text encoder's hooks live only while the conditionings are computed (`conds_with_text_encoder_hooks`).
+  the wrapper opens the run's UNet scope (`FuseRun.scope`) with step/total from the pass's denoiser and
+  cond/uncond row labels from `cond_or_uncond`;
+- the text encoder's hooks live only while the conditionings are computed (a per-instance wrapper of
+  `p.setup_conds`, with cond caches private to `p`).
 Host modules are imported lazily, inside functions.
 """
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 
 from ..flux import join_slices
-from ..layer_delta import FuseTarget, LayerDelta
+from ..layer_delta import LayerDelta
 from . import common
 from .common import FuseInputError, HostLora, LoraLayer
 
