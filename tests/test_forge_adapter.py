@@ -282,16 +282,16 @@ def test_steps_come_from_the_denoiser_and_restart_with_each_hires_pass(fh, sd15_
     host, run, p, unet = _host_and_p(fh, sd15_files, subject="subject", style="style", method="klora", steps=3)
     after_lora = p.sd_model.forge_objects.unet
     x, ctx = _inputs()
-    first = host.before_sampling(p, run)
+    first = host.before_every_sampling(p, x=x, noise=x, c=None, uc=None)   # Script hook kwargs (scripts.py:194)
     steps_seen = []
     for _ in range(3):
         steps_seen.append(first.progress())
         _sample_step(fh, p, x, ctx)
     p.sampler = types.SimpleNamespace(model_wrap_cfg=fh.world.Denoiser(2))   # hires sampler
     p.sd_model.forge_objects.unet = after_lora
-    host.before_sampling(p, run)                                              # :1510, then discarded
+    host.before_every_sampling(p, x=x, noise=x, c=None, uc=None)             # :1510, then discarded
     p.sd_model.forge_objects.unet = after_lora                                # :1518
-    second = host.before_sampling(p, run)                                     # :1522
+    second = host.before_every_sampling(p, x=x, noise=x, c=None, uc=None)    # :1522
     for _ in range(2):
         steps_seen.append(second.progress())
         _sample_step(fh, p, x, ctx)
@@ -402,3 +402,13 @@ def test_sdxl_targets_by_name_with_two_text_encoders(fh, tmp_path):
     for w in written:
         name = w.module if w.group == "unet" else f"{'clip_l' if w.group == 'te1' else 'clip_g'}.transformer.{w.module}"
         assert torch.equal(lora.layers[name].delta.up, w.up) and lora.layers[name].delta.scale == w.scale
+
+
+def test_nothing_is_installed_without_an_enabled_run(fh, sd15_files):
+    host, run, p, unet = _host_and_p(fh, sd15_files)
+    original = p.sd_model.forge_objects.unet
+    setattr(p, common.RUN_ATTR, common.FuseRun(host, ui_args=FuseArgs()))
+    assert host.before_every_sampling(p) is None and p.sd_model.forge_objects.unet is original
+    delattr(p, common.RUN_ATTR)
+    assert host.before_every_sampling(p) is None and p.sd_model.forge_objects.unet is original
+    assert "model_function_wrapper" not in original.model_options
