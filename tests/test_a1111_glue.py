@@ -304,3 +304,22 @@ def test_host_is_detected_by_its_modules(env):
     from lib_dynfuse.hosts import adapter, detect
     assert detect() == "a1111" and adapter().name == "a1111"
     assert type(env.script_module.HOST).__name__ == "A1111Host"
+
+
+def test_functional_mode_fuses_on_clean_weights_after_a_merge_mode_lora_job(tmp_path):
+    """A merge-mode `<lora>` job leaves its weights merged; in functional mode the host restores them only
+    while some `<lora>` is active (networks.py:551). Fusion must still run on the clean base weights."""
+    unet, te = models.tiny_sd15_unet(0), models.tiny_sd15_text_encoder(0)
+    lora_files.write_kohya_lora(unet, tmp_path / "subj.safetensors", te_layers={"lora_te": te}, seed=1)
+    lora_files.write_kohya_lora(unet, tmp_path / "sty.safetensors", te_layers={"lora_te": te}, seed=2)
+    lora_files.write_kohya_lora(unet, tmp_path / "other.safetensors", te_layers={"lora_te": te}, seed=3)
+    with HostEnv(str(tmp_path)) as e:
+        from modules import shared
+        p_clean, _ = e.txt2img(e.ui_values(**fused()), prompt=PROMPT, steps=2)
+        e.txt2img(e.ui_values(), prompt=PROMPT + " <lora:other:1>", steps=2)     # leaves `other` merged
+        shared.opts.lora_functional = True
+        try:
+            p_after, _ = e.txt2img(e.ui_values(**fused()), prompt=PROMPT, steps=2)
+        finally:
+            shared.opts.lora_functional = False
+    assert torch.equal(p_after.c, p_clean.c) and torch.equal(p_after.samples[0], p_clean.samples[0])

@@ -167,10 +167,9 @@ class A1111Host:
         return removed
 
     def sync_builtin(self, modules: Sequence[torch.nn.Module]) -> None:
-        """Let the builtin merge its own `<lora>`s now, under no_grad (it restores with copy_, see real-host-facts)."""
-        from modules import shared
-        if getattr(shared.opts, "lora_functional", False):
-            return
+        """Bring the fused layers' weights to what the builtin wants now, under no_grad (it restores with copy_,
+        see real-host-facts). Also in functional mode: there `network_forward` skips its restore when no
+        `<lora>` is active (networks.py:551), so weights a merge-mode job left merged would stay under our hooks."""
         nets = networks_module()
         with torch.no_grad():
             for m in modules:
@@ -190,8 +189,10 @@ class A1111Host:
         setup_conds, sample = p.setup_conds, p.sample
 
         def setup_conds_fused(*args, **kwargs):
-            with run.scope(p, "te"):
+            with run.scope(p, "te") as session:
                 self._publish(p, run)
+                if session is not None:
+                    self.sync_builtin([t.module for t in session_targets(session)])
                 return setup_conds(*args, **kwargs)
 
         def sample_fused(*args, **kwargs):

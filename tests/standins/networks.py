@@ -127,7 +127,13 @@ def network_apply_weights(self):
 
 
 def merge_into(root):
-    """What the patched forwards do before each layer runs (see the module docstring)."""
+    """What the patched forwards do before each layer runs (see the module docstring).
+
+    With `opts.lora_functional` and no `<lora>` loaded, `network_forward` calls the original forward at once
+    (networks.py:551-552): weights a merge-mode job left merged stay as they are. With `<lora>`s loaded it
+    restores the backup and adds the deltas (:556-567), which is the same math as the merge below."""
+    if getattr(shared.opts, "lora_functional", False) and not loaded_networks:
+        return
     for m in root.modules():
         if getattr(m, "network_layer_name", None) is not None and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
             network_apply_weights(m)
