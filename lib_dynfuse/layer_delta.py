@@ -20,7 +20,8 @@ class LayerDelta:
       conv:   down [r, in, kh, kw],    up [out, r, 1, 1]    (LoCon)
       conv CP: down [r, in, 1, 1], mid [r, r, kh, kw], up [out, r, 1, 1]
       dense:  same shape as the layer weight (LoHa, LoKr, DoRA ... built once per generation)
-    `scale` = alpha / rank * user weight (1.0 for dense, which is stored already scaled).
+    `scale` = alpha / rank * user weight; dense deltas are usually stored already scaled (scale 1.0), and
+    any other scale multiplies them too.
     `out_slice` = (offset, size): the delta covers only those output channels of a fused layer
     (FLUX qkv / linear1 in Forge); None = all outputs.
     """
@@ -67,7 +68,8 @@ class LayerDelta:
     def dense_weight(self) -> torch.Tensor:
         """The full dW (scaled), in the layer's weight shape restricted to `out_slice`. For setup, never per call."""
         if self.dense is not None:
-            return self.dense
+            # the per-call path (lowrank.prepare_delta) multiplies dense deltas by `scale` too
+            return self.dense if self.scale == 1.0 else self.dense * self.scale
         up = self.up.flatten(1).float()
         if self.mid is not None:
             # CP/Tucker: dW[o, i, kh, kw] = sum_{a,b} up[o, a] * mid[a, b, kh, kw] * down[b, i]
