@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 
 from ..flux import join_slices
+from ..lora_file import check_safetensors
 from ..layer_delta import LayerDelta
 from . import common
 from .common import FuseInputError, HostLora, LoraLayer
@@ -48,6 +49,14 @@ def _has_module(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
+
+
+def check_lora_file(path: str) -> None:
+    """Refuse a file that is not a whole safetensors file (pickles included) without loading it."""
+    from safetensors import safe_open
+    check_safetensors(path)
+    with safe_open(path, framework="pt") as f:   # parses the header and checks it against the file size
+        f.keys()
 
 
 def is_forge() -> bool:
@@ -435,6 +444,9 @@ class ForgeHost:
             except Exception as e:
                 log.info("DynFuse: no hash for %s: %s", name, e)
         try:
+            # Forge's loader renames a file it fails to read to `<file>.corrupted` (modules_forge/patch_basic.py:27-57),
+            # so a broken LoRA is refused here first, by a header read that Forge does not wrap.
+            check_lora_file(on_disk.filename)
             lora_sd = self.api.load_state_dict(on_disk.filename)
         except Exception as e:  # unreadable, pickled, truncated: say which file
             raise FuseInputError(f"DynFuse: cannot read LoRA file {on_disk.filename!r}: {e}") from e
