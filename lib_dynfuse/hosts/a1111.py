@@ -240,20 +240,10 @@ class A1111Host:
 
     # ------------------------------------------------------------------ messages and gallery
     def report(self, p: Any, message: str) -> None:
-        """p.comment -> the UI's info box; extra_generation_params -> infotext and API info (the log has it already)."""
-        if hasattr(p, "comment"):
-            p.comment(message)
-        params = getattr(p, "extra_generation_params", None)
-        if params is not None:
-            old = params.get(common.MESSAGE_KEY)
-            if not old:
-                params[common.MESSAGE_KEY] = message
-            elif message not in old:
-                params[common.MESSAGE_KEY] = f"{old}; {message}"
+        common.report_on_p(p, message)
 
     def add_image(self, p: Any, processed: Any, image: Any, infotext: str) -> None:
-        processed.images.append(image)
-        processed.infotexts.append(infotext)
+        common.append_to_gallery(processed, image, infotext)
 
 
 def _label_rows(run: "common.FuseRun", module: torch.nn.Module, args: tuple) -> None:

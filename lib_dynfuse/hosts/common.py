@@ -58,6 +58,26 @@ RUN_ATTR = "dynfuse_run"        # the FuseRun of a generation, kept on its `p`
 TAG_NAME = "dynlora"            # <dynlora:subject:style[:key=value...]>
 
 
+def report_on_p(p: Any, message: str) -> None:
+    """Show a message in the UI's info box (`p.comment`) and in the infotext / API info (both hosts; the
+    console has it already from the `dynfuse` logger, so nothing is printed here)."""
+    if hasattr(p, "comment"):
+        p.comment(message)
+    params = getattr(p, "extra_generation_params", None)
+    if params is not None:
+        old = params.get(MESSAGE_KEY)
+        if not old:
+            params[MESSAGE_KEY] = message
+        elif message not in old:
+            params[MESSAGE_KEY] = f"{old}; {message}"
+
+
+def append_to_gallery(processed: Any, image: Any, infotext: str) -> None:
+    """An extra gallery image with its own infotext (`Processed.images` / `.infotexts`), not saved as a generation."""
+    processed.images.append(image)
+    processed.infotexts.append(infotext)
+
+
 class FuseInputError(ValueError):
     """A problem with the LoRAs a user picked (unknown, unreadable, other base model): shown, then no fusion."""
 

@@ -22,7 +22,6 @@ import contextlib
 import importlib.util
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -547,20 +546,10 @@ class ForgeHost:
 
     # ------------------------------------------------------------------ messages and gallery
     def report(self, p: Any, message: str) -> None:
-        print(message, file=sys.stderr)
-        if hasattr(p, "comment"):
-            p.comment(message)
-        params = getattr(p, "extra_generation_params", None)
-        if params is not None:
-            old = params.get(common.MESSAGE_KEY)
-            if not old:
-                params[common.MESSAGE_KEY] = message
-            elif message not in old:
-                params[common.MESSAGE_KEY] = f"{old}; {message}"
+        common.report_on_p(p, message)
 
     def add_image(self, p: Any, processed: Any, image: Any, infotext: str) -> None:
-        processed.images.append(image)
-        processed.infotexts.append(infotext)
+        common.append_to_gallery(processed, image, infotext)
 
 
 _COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
