@@ -54,7 +54,9 @@ def test_controls_follow_fuseargs_fields(gr):
             assert isinstance(control, gr.Slider)
             assert (control.minimum, control.maximum, control.step) == (m["minimum"], m["maximum"], m["step"])
     assert controls[0].open is False                     # the accordion is off by default
-    assert controls[1].choices == ["a", "b"] and controls[2].choices == ["a", "b"]
+    # "" is a choice so that gradio 4 shows an empty dropdown for the empty default, not the first LoRA
+    assert controls[1].choices == ["", "a", "b"] and controls[2].choices == ["", "a", "b"]
+    assert controls[1].value == "" and controls[2].value == ""
 
 
 def test_build_is_repeatable_without_side_effects(gr):
@@ -72,7 +74,7 @@ def test_refresh_button_updates_both_dropdowns(gr):
     refresh = next(b for b in gr.created if isinstance(b, gr.Button) and "dynfuse-refresh" in b.kwargs["elem_classes"])
     (kind, fn, inputs, outputs, _), = refresh.events
     assert kind == "click" and outputs == [controls[1], controls[2]]
-    assert fn() == (gr.update(choices=["a", "b", "c"]), gr.update(choices=["a", "b", "c"]))
+    assert fn() == (gr.update(choices=["", "a", "b", "c"]), gr.update(choices=["", "a", "b", "c"]))
 
 
 def test_card_action_fills_one_dropdown_and_opens_the_accordion(gr):

@@ -26,6 +26,11 @@ def elem_id(tab: str, name: str) -> str:
     return f"dynfuse_{tab}_{name}"
 
 
+def lora_dropdown_choices(names) -> List[str]:
+    """The LoRA dropdowns' choices: "" (none picked) first, then the host's LoRA names."""
+    return [""] + [n for n in names if n]
+
+
 def build(gr: Any, accordion_cls: Any, tab: str, lora_choices: Callable[[], List[str]],
           refresh: Callable[[], List[str]], tooltip_kw: bool = False) -> List[Any]:
     """Create the controls in FuseArgs field order (= the order of the positional API args) and return them.
@@ -36,7 +41,8 @@ def build(gr: Any, accordion_cls: Any, tab: str, lora_choices: Callable[[], List
     defaults = FuseArgs()
     by_name = {f.name: f for f in fields(FuseArgs)}
     controls: Dict[str, Any] = {}
-    choices = list(lora_choices())
+    # "" = no LoRA picked: it must be a choice, or gradio 4 shows the first LoRA while the value stays empty
+    choices = lora_dropdown_choices(lora_choices())
 
     def kw(name: str) -> Dict[str, Any]:
         m = by_name[name].metadata
@@ -90,7 +96,7 @@ def build(gr: Any, accordion_cls: Any, tab: str, lora_choices: Callable[[], List
                                  show_label=False)
 
     def on_refresh():
-        new = list(refresh())
+        new = lora_dropdown_choices(refresh())
         return gr.update(choices=new), gr.update(choices=new)
 
     def on_card_action(text):
