@@ -412,3 +412,19 @@ def test_nothing_is_installed_without_an_enabled_run(fh, sd15_files):
     delattr(p, common.RUN_ATTR)
     assert host.before_every_sampling(p) is None and p.sd_model.forge_objects.unet is original
     assert "model_function_wrapper" not in original.model_options
+
+
+def test_read_lora_under_inference_mode_gives_normal_tensors_on_the_unet_dtype(fh, sd15_files):
+    """Forge reads inside setup_conds, under inference mode: the UNet deltas come back as normal tensors in the
+    UNet's computation dtype (so no per-call copies, and later autograd use is possible)."""
+    host, run, p, unet = _host_and_p(fh, sd15_files)
+    unet.model.computation_dtype = torch.float64
+    with torch.inference_mode():
+        lora = host.read_lora("subject")
+    unet_layers = [layer for layer in lora.layers.values() if layer.group == "unet"]
+    assert unet_layers and lora.shorthash
+    for layer in unet_layers:
+        assert layer.delta.up.dtype == torch.float64 and not layer.delta.up.is_inference()
+        assert not layer.delta.down.is_inference()
+    with pytest.raises(common.FuseInputError, match="unknown LoRA"):
+        host.read_lora("not_there")
