@@ -88,6 +88,8 @@ class FuseTarget:
 
     `module` is any module whose output is `W x (+ b)` (nn.Linear, nn.Conv2d, Forge's ops.Linear, which is
     not an nn.Linear); `name` is the layer name used in records and messages; `group` is "unet" or "te".
+    `part` = "q", "k", "v" or "out": the delta changes that projection of `module`, an nn.MultiheadAttention
+    (open_clip text encoders; see mha.py); None = the module's own weight.
     """
 
     name: str
@@ -95,6 +97,7 @@ class FuseTarget:
     subject: Optional[LayerDelta] = None
     style: Optional[LayerDelta] = None
     group: str = "unet"
+    part: Optional[str] = None
 
     @property
     def is_shared(self) -> bool:

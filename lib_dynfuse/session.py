@@ -18,6 +18,8 @@ need no host sync (the dynamic choice is a `torch.where`; K-LoRA's is a precompu
 under no_grad, inference_mode and enable_grad (gradients flow through the kept branch to the input).
 Hooks are removed by `close()` / `__exit__` in `finally`, on exceptions and KeyboardInterrupt alike; no module is
 swapped and no torch class is patched, so afterwards the model computes bit-identically to before.
+Targets with a `part` (q/k/v/out of one nn.MultiheadAttention) share one hook on that MHA (mha.py), which
+recomputes the attention with each part fused by the same rule; records and K-LoRA slots stay per part.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from typing import Dict, Hashable, List, Optional, Sequence
 
 import torch
 
+from . import mha
 from .layer_delta import FuseTarget, LayerDelta
 from .lowrank import channel_dim, full_delta_output, prepare_delta
 from .record import LABELS, SelectionRecord
@@ -58,7 +61,15 @@ class FuseSession:
                 raise ValueError(f"DynFuse: target {t.name!r} has neither a subject nor a style delta")
             if t.group not in ("unet", "te"):
                 raise ValueError(f"DynFuse: target {t.name!r} has group {t.group!r}; expected 'unet' or 'te'")
-        if len({id(t.module) for t in self.targets}) != len(self.targets):
+        # --- MultiheadAttention parts: one module, several targets (one per part)
+        for t in self.targets:
+            if t.part is not None:
+                problem = mha.unsupported(t.module) if isinstance(t.module, torch.nn.MultiheadAttention) else \
+                    f"part {t.part!r} on a {type(t.module).__name__}, not a MultiheadAttention"
+                problem = problem or ("" if t.part in mha.PARTS else f"unknown part {t.part!r}")
+                if problem:
+                    raise ValueError(f"DynFuse: target {t.name!r} cannot be fused: {problem}")
+        if len({(id(t.module), t.part) for t in self.targets}) != len(self.targets):
             raise ValueError("DynFuse: two targets share one module; give each layer one FuseTarget")
         self.method, self.criterion, self.te_mode = method, criterion, te_mode
         self.klora_alpha, self.klora_beta, self.klora_scale = float(klora_alpha), float(klora_beta), klora_scale
@@ -99,11 +110,19 @@ class FuseSession:
         if self._handles:
             raise RuntimeError("DynFuse: this FuseSession is already open")
         try:
+            mha_parts: Dict[int, Dict[str, int]] = {}
             for i, t in enumerate(self.targets):
                 if self._mode(t) == "off":
                     continue
+                if t.part is not None:
+                    mha_parts.setdefault(id(t.module), {})[t.part] = i
+                    continue
                 hook = functools.partial(self._hook, i)
                 self._handles.append(t.module.register_forward_hook(hook, with_kwargs=True))
+            for parts in mha_parts.values():
+                module = self.targets[next(iter(parts.values()))].module
+                self._handles.append(module.register_forward_hook(functools.partial(self._mha_hook, parts),
+                                                                  with_kwargs=True))
         except BaseException:
             self.close()
             raise
@@ -221,9 +240,25 @@ class FuseSession:
         except Exception as e:  # name the layer; KeyboardInterrupt passes through untouched
             raise RuntimeError(f"DynFuse: fusing layer {target.name!r} failed: {e}") from e
 
+    def _mha_hook(self, parts: Dict[str, int], module, args, kwargs, output):
+        """One MultiheadAttention: its output recomputed with each part in `parts` ({part: target index}) fused."""
+        def fuse_part(part: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            index = parts.get(part)
+            if index is None:
+                return y
+            target = self.targets[index]
+            try:
+                return self._fuse(index, target, module, x, y)
+            except Exception as e:
+                raise RuntimeError(f"DynFuse: fusing layer {target.name!r} failed: {e}") from e
+        return mha.fused_forward(module, args, kwargs, fuse_part)
+
     def _fused_output(self, index: int, target: FuseTarget, module, args, kwargs, y: torch.Tensor):
         x = args[0] if args else next(iter(kwargs.values()))
+        return self._fuse(index, target, module, x, y)
 
+    def _fuse(self, index: int, target: FuseTarget, module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The layer's base output y for input x with the target's delta(s) added by the session's rule."""
         def delta(branch: int, d: LayerDelta) -> torch.Tensor:
             return full_delta_output(self._prepared(index, branch, d, module, x), x, module, y)
 
