@@ -254,10 +254,11 @@ def test_eps_sampler_output_is_converted_exactly():
     t = torch.tensor([500.0, 500.0], dtype=torch.float64)
     with torch.no_grad():
         eps = denoiser(x, t, None, None, 7.0, 0.0, None)
+    extra_args = dict(uncond=None, cond=None, cond_scale=7.0, s_min_uncond=0.0, image_cond=None)
     grun.attach(denoiser)
     try:
-        with torch.no_grad():
-            out = denoiser(x, t, None, None, 7.0, 0.0, None)
+        with torch.no_grad():       # the samplers call model(x, t, **extra_args) (sd_samplers_timesteps_impl.py:25)
+            out = denoiser(x, t, **extra_args)
     finally:
         grun.detach()
     a = alphas[500]
@@ -282,3 +283,36 @@ def test_single_lora_targets_keep_one_branch():
     assert [(t.name, t.subject is d, t.style) for t in subj] == [("a", True, None), ("c", True, None)]
     assert [(t.name, t.subject, t.style is d) for t in sty] == [("a", None, True), ("b", None, True)]
     assert guidance_run.strip_tags("a cat <dynlora:x:y:g=1> <lora:z:1>") == "a cat  <lora:z:1>"
+
+
+def test_xt_gradient_on_an_eps_sampler_moves_x_in_place_exactly():
+    """x_t <- x_t - m * d R(x0-hat(x_t)) / d x_t (Eq. 20), x0-hat from the denoiser's eps; the sampler's own tensor."""
+    from lib_dynfuse.guidance import residual_grad_xt
+    from tests.test_guidance_encoders import tiny_encoders
+    clip, dino = tiny_encoders(0, dtype=torch.float64)
+    decoder = vae_decoder(tiny_taesd(0).double(), scaling_factor=0.18215)
+    g = torch.Generator().manual_seed(5)
+    scorer = paper_scorer(clip, dino, torch.rand(1, 3, 32, 32, generator=g).double(),
+                          torch.rand(1, 3, 32, 32, generator=g).double())
+    alphas = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
+    denoiser = TimestepsDenoiser(alphas)
+    grun = guidance_run.GuidanceRun(run=None, host=FixedHost())
+    grun.refiner = LatentRefiner(decoder, scorer, scale=10.0, grad="xt")
+    x = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([300.0], dtype=torch.float64)
+    a = alphas[300]
+    extra_args = dict(uncond=None, cond=None, cond_scale=7.0, s_min_uncond=0.0, image_cond=None)
+    x_before = x.clone()
+    grun.attach(denoiser)
+    try:
+        with torch.no_grad():
+            out = denoiser(x, t, **extra_args)
+    finally:
+        grun.detach()
+    probe = TimestepsDenoiser(alphas)
+    _, grad, _ = residual_grad_xt(x_before, lambda z: (z - (1 - a).sqrt() * probe(z, t, **extra_args)) / a.sqrt(),
+                                  decoder, scorer, decoder.image_range)
+    torch.testing.assert_close(x, x_before - 10.0 * grad, rtol=1e-8, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(out, TimestepsDenoiser(alphas)(x, t, **extra_args), rtol=1e-12, atol=1e-12)
+    assert denoiser.step == 1 and grad.abs().max() > 0 and [s.step for s in grun.log] == [0]

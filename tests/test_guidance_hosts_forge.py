@@ -101,8 +101,8 @@ class ForgeTimestepsDenoiser(torch.nn.Module):
 def _run_hooked(denoiser, grun, x, t):
     grun.attach(denoiser)
     try:
-        with torch.inference_mode():
-            return denoiser(x, t, None, None, 7.0, 0.0, None)
+        with torch.inference_mode():   # k-diffusion: model(x, sigma, **extra_args) (sd_samplers_kdiffusion.py)
+            return denoiser(x, t, uncond=None, cond=None, cond_scale=7.0, s_min_uncond=0.0, image_cond=None)
     finally:
         grun.detach()
 

@@ -181,15 +181,16 @@ class GuidanceRun:
         self.detach()
         if self.refiner is None or denoiser is None:
             return
-        self._handles = [denoiser.register_forward_pre_hook(self._before_call),
-                         denoiser.register_forward_hook(self._after_call)]
+        # with_kwargs: k-diffusion calls model(x, sigma, **extra_args) (cond, uncond, cond_scale, ... as keywords)
+        self._handles = [denoiser.register_forward_pre_hook(self._before_call, with_kwargs=True),
+                         denoiser.register_forward_hook(self._after_call, with_kwargs=True)]
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
 
-    def _before_call(self, denoiser: Any, inputs: tuple):
+    def _before_call(self, denoiser: Any, inputs: tuple, kwargs: dict):
         """x_t gradient (Eq. 20): x_t <- x_t - m * grad_xt R, in place, so the UNet and the sampler see it."""
         if self._busy or self.refiner.grad != "xt":
             return None
@@ -197,14 +198,14 @@ class GuidanceRun:
         if not self.refiner.active(step, total):
             return None
         x = inputs[0]
-        model_fn = self._model_fn(denoiser, inputs)
+        model_fn = self._model_fn(denoiser, inputs, kwargs)
         _, info = self.refiner.correct_xt(x, model_fn)
         with torch.no_grad():
             x.sub_((self.refiner.scale * info.grad).to(x.dtype))
         self._record(step, total, info)
         return None
 
-    def _after_call(self, denoiser: Any, inputs: tuple, output: torch.Tensor):
+    def _after_call(self, denoiser: Any, inputs: tuple, kwargs: dict, output: torch.Tensor):
         """x0 gradient: the denoiser's prediction (x0-hat, or eps for timestep samplers) moved by -m grad R."""
         if self._busy or self.refiner.grad != "x0":
             return None
@@ -225,7 +226,7 @@ class GuidanceRun:
         t = inputs[1].round().long().clamp(0, alphas.shape[0] - 1)
         return alphas.to(t.device)[t].float()
 
-    def _model_fn(self, denoiser: Any, inputs: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _model_fn(self, denoiser: Any, inputs: tuple, kwargs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
         """x_t -> x0-hat through the denoiser's own forward (hooks skipped, its call counter kept)."""
         rest = inputs[1:]
         eps = self.host.prediction(denoiser) == "eps"
@@ -234,7 +235,7 @@ class GuidanceRun:
             saved = denoiser.step
             self._busy = True
             try:
-                out = denoiser.forward(x, *rest)
+                out = denoiser.forward(x, *rest, **kwargs)
             finally:
                 denoiser.step = saved
                 self._busy = False
@@ -249,8 +250,9 @@ class GuidanceRun:
         """e.g. `R 0.512 -> 0.498, 4 corrections, grad x0` for the infotext, or None when nothing was corrected."""
         if not self.log:
             return None
-        return (f"R {self.log[0].residual:.4f} -> {self.log[-1].residual:.4f}, {len(self.log)} corrections, "
-                f"grad {self.refiner.grad}")
+        calls = ", ".join(str(s.step) for s in self.log)
+        return (f"R {self.log[0].residual:.4f} -> {self.log[-1].residual:.4f}, {len(self.log)} corrections "
+                f"(calls {calls} of {self.log[-1].total}), grad {self.refiner.grad}")
 
 
 class _Interrupted(Exception):
