@@ -12,6 +12,11 @@ Host facts (upstream 82a973c0, tag v1.10.1) this relies on:
   (sd_samplers_common.py:265-291) and calls `on_cfg_denoiser` with itself as `params.denoiser` before the UNet
   (sd_samplers_cfg_denoiser.py:211).
 - Conds are cached in class-level lists keyed without our settings (processing.py:188-189, :440-491).
+- open_clip text encoders (SD2, SDXL's second) attend with nn.MultiheadAttention: the builtin names their q/k/v
+  `..._attn_{q,k,v}_proj` with the MHA as `sd_module` (the `_[qkv]_proj` fallback, networks.py:207-211) and
+  `..._attn_out_proj` with the MHA's `out_proj` (named by `assign_network_names_to_compvis_modules`, :122-147),
+  and merges them into `in_proj_weight` rows and `out_proj.weight` (:486-505). These become FuseTargets with a
+  `part` on the MHA (lib_dynfuse/mha.py).
 Host modules are imported inside functions only.
 """
 from __future__ import annotations
@@ -19,11 +24,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import mha
 from ..layer_delta import LayerDelta
 from . import common
 from .common import FuseInputError, HostLora, LoraLayer
@@ -54,7 +61,8 @@ def unfusable(module: torch.nn.Module) -> str:
     """Why a forward hook on this layer cannot carry a delta ('' = it can).
 
     open_clip text encoders (SD2, SDXL's second) use nn.MultiheadAttention: the builtin maps q/k/v to the MHA
-    itself (networks.py:208-211) and its out_proj is read as a weight inside the MHA, never called as a module.
+    itself (networks.py:208-211) and its out_proj is read as a weight inside the MHA, never called as a module;
+    `read_lora` gives both to an MHA hook instead (`mha_part`).
     """
     if isinstance(module, torch.nn.MultiheadAttention):
         return "MultiheadAttention q/k/v"
@@ -65,9 +73,29 @@ def unfusable(module: torch.nn.Module) -> str:
     return ""
 
 
-def module_delta(m: Any) -> LayerDelta:
-    """One builtin NetworkModule -> LayerDelta: low rank for plain LoRA/LoCon, else dense from calc_updown."""
+_QKV_KEY = re.compile(r"_([qkv])_proj$")
+
+
+def mha_part(sd_key: str, sd_module: torch.nn.Module, layer_mapping: dict) -> Tuple[torch.nn.Module, Optional[str]]:
+    """The builtin's layer -> (module to hook, MultiheadAttention part or None), from its names (networks.py:207-211).
+
+    q/k/v: the key ends in `_{q,k,v}_proj` and `sd_module` is the MHA; out: `sd_module` is the MHA's `out_proj`,
+    whose parent is named by the key without `_out_proj` (networks.py:122-147)."""
+    if isinstance(sd_module, torch.nn.MultiheadAttention):
+        found = _QKV_KEY.search(sd_key)
+        return sd_module, (found.group(1) if found else None)
+    if sd_key.endswith("_out_proj"):
+        parent = layer_mapping.get(sd_key[:-len("_out_proj")])
+        if isinstance(parent, torch.nn.MultiheadAttention) and parent.out_proj is sd_module:
+            return parent, "out"
+    return sd_module, None
+
+
+def module_delta(m: Any, part: Optional[str] = None) -> LayerDelta:
+    """One builtin NetworkModule -> LayerDelta: low rank for plain LoRA/LoCon, else dense from calc_updown
+    (on the part's rows of `in_proj_weight` for an MHA q/k/v, as the builtin does, networks.py:496-499)."""
     sd_module = m.sd_module
+    weight = mha.part_weight(sd_module, part) if isinstance(sd_module, torch.nn.MultiheadAttention) else sd_module.weight
     plain = (type(m).__name__ == "NetworkModuleLora" and getattr(m, "dora_scale", None) is None
              and getattr(m, "bias", None) is None and getattr(m.network, "dyn_dim", None) is None)
     if plain:
@@ -75,11 +103,11 @@ def module_delta(m: Any) -> LayerDelta:
         return LayerDelta(down=m.down_model.weight.detach(), up=m.up_model.weight.detach(), mid=mid,
                           scale=float(m.calc_scale()) * float(m.multiplier()))
     with torch.no_grad():
-        updown, ex_bias = m.calc_updown(sd_module.weight)
+        updown, ex_bias = m.calc_updown(weight)
     if ex_bias is not None:
         raise FuseInputError(f"DynFuse: layer {m.sd_key} of LoRA {m.network.name!r} changes a bias, "
                              "which fusion does not support")
-    return LayerDelta(dense=updown.detach().reshape(sd_module.weight.shape).to(sd_module.weight.dtype))
+    return LayerDelta(dense=updown.detach().reshape(weight.shape).to(weight.dtype))
 
 
 def _rows(cond: Any) -> int:
@@ -138,13 +166,16 @@ class A1111Host:
         out = HostLora(name=on_disk.name, shorthash=getattr(on_disk, "shorthash", "") or "",
                        base=_BASES.get(version, "unknown"))
         net = nets.load_network(on_disk.name, on_disk)
+        from modules import shared
+        layer_mapping = getattr(shared.sd_model, "network_layer_mapping", {}) or {}
         for sd_key, m in net.modules.items():
-            sd_module = m.sd_module
-            problem = unfusable(sd_module)
+            module, part = mha_part(sd_key, m.sd_module, layer_mapping)
+            problem = unfusable(module) if part is None else mha.unsupported(module)
             if problem:
                 out.skipped.append(f"{sd_key} ({problem})")
                 continue
-            out.layers[sd_key] = LoraLayer(module=sd_module, group=layer_group(sd_key), delta=module_delta(m))
+            out.layers[sd_key] = LoraLayer(module=module, group=layer_group(sd_key), delta=module_delta(m, part),
+                                           part=part)
         return out
 
     # ------------------------------------------------------------------ the builtin's own <lora:...>
@@ -172,8 +203,9 @@ class A1111Host:
         `<lora>` is active (networks.py:551), so weights a merge-mode job left merged would stay under our hooks."""
         nets = networks_module()
         with torch.no_grad():
-            for m in modules:
-                if getattr(m, "network_layer_name", None) is not None and hasattr(m, "weight"):
+            for m in {id(m): m for m in modules}.values():   # an MHA is the module of up to four targets
+                if getattr(m, "network_layer_name", None) is not None and (
+                        hasattr(m, "weight") or isinstance(m, torch.nn.MultiheadAttention)):
                     nets.network_apply_weights(m)
 
     # ------------------------------------------------------------------ install points

@@ -89,6 +89,7 @@ class LoraLayer:
     module: torch.nn.Module
     group: str
     delta: LayerDelta
+    part: Optional[str] = None          # q/k/v/out of an nn.MultiheadAttention `module` (FuseTarget.part)
 
 
 @dataclass
@@ -148,8 +149,10 @@ def check_base(lora: HostLora, model_base: str) -> None:
 def check_shapes(lora: HostLora) -> None:
     """Refuse a LoRA whose deltas do not fit the layers they matched (a LoRA for another architecture)."""
     from ..targets import shape_problem
+    from ..mha import part_weight
     bad = [(name, problem) for name, layer in lora.layers.items()
-           for problem in [shape_problem(layer.delta, layer.module.weight)] if problem]
+           for problem in [shape_problem(layer.delta, layer.module.weight if layer.part is None
+                                         else part_weight(layer.module, layer.part))] if problem]
     if bad:
         raise FuseInputError(f"DynFuse: LoRA {lora.name!r} does not fit the loaded model "
                              f"({len(bad)} of {len(lora.layers)} layers have other shapes, e.g. {bad[0][0]}: "
@@ -169,7 +172,7 @@ def pair_targets(subject: HostLora, style: HostLora, subject_weight: float, styl
         if first.group == "te" and text_encoder == "off":
             continue
         targets.append(FuseTarget(
-            name=name, module=first.module, group=first.group,
+            name=name, module=first.module, group=first.group, part=first.part,
             subject=c.delta.with_weight(subject_weight) if c is not None else None,
             style=s.delta.with_weight(style_weight) if s is not None else None))
     return targets
