@@ -146,13 +146,28 @@ def check_base(lora: HostLora, model_base: str) -> None:
                              f"but the loaded model is {model_base.upper()}")
 
 
+def is_packed_weight(weight: torch.Tensor) -> bool:
+    """Quantized storage (bitsandbytes NF4/FP4, GGUF in Forge) whose tensor shape is not the layer's shape."""
+    return bool(getattr(weight, "bnb_quantized", False) or getattr(weight, "gguf_cls", None) is not None
+                or weight.dtype in (torch.uint8, torch.int8))
+
+
 def check_shapes(lora: HostLora) -> None:
-    """Refuse a LoRA whose deltas do not fit the layers they matched (a LoRA for another architecture)."""
-    from ..targets import shape_problem
+    """Refuse a LoRA whose deltas do not fit the layers they matched (a LoRA for another architecture).
+
+    A Linear/1x1-conv spelling of a delta is first reshaped to the layer's own form (some trainers store a
+    Linear proj_in as a 1x1 conv); packed quantized weights can't be compared and are not checked."""
+    from ..targets import fit_to_weight, shape_problem
     from ..mha import part_weight
-    bad = [(name, problem) for name, layer in lora.layers.items()
-           for problem in [shape_problem(layer.delta, layer.module.weight if layer.part is None
-                                         else part_weight(layer.module, layer.part))] if problem]
+    bad = []
+    for name, layer in lora.layers.items():
+        weight = layer.module.weight if layer.part is None else part_weight(layer.module, layer.part)
+        if is_packed_weight(weight):
+            continue
+        layer.delta = fit_to_weight(layer.delta, weight)
+        problem = shape_problem(layer.delta, weight)
+        if problem:
+            bad.append((name, problem))
     if bad:
         raise FuseInputError(f"DynFuse: LoRA {lora.name!r} does not fit the loaded model "
                              f"({len(bad)} of {len(lora.layers)} layers have other shapes, e.g. {bad[0][0]}: "
