@@ -67,10 +67,15 @@ def delta_output(delta: LayerDelta, x: torch.Tensor, module: torch.nn.Module) ->
             h = F.conv2d(h, delta.mid, None, params["stride"], params["padding"], params["dilation"])
         else:
             h = F.conv2d(x, delta.down, None, params["stride"], params["padding"], params["dilation"])
-        return F.conv2d(h, delta.up) * delta.scale
+        return _scaled(F.conv2d(h, delta.up), delta.scale)
     if not delta.is_low_rank:
         return F.linear(x, delta.dense)
-    return F.linear(F.linear(x, delta.down), delta.up) * delta.scale
+    return _scaled(F.linear(F.linear(x, delta.down), delta.up), delta.scale)
+
+
+def _scaled(h: torch.Tensor, scale: float) -> torch.Tensor:
+    """h * scale, skipping the full-size multiply when scale is 1 (alpha = rank): the same bits, one pass less."""
+    return h if scale == 1.0 else h * scale
 
 
 def channel_dim(delta: LayerDelta) -> int:

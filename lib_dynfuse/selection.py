@@ -79,7 +79,11 @@ CRITERIA = ("kl", "js", "cosine", "dot")
 def branch_divergences(criterion: str, base: torch.Tensor, delta_c: torch.Tensor, delta_s: torch.Tensor,
                        channel_dim: int):
     """(d_c, d_s): the criterion for F + dF_c and F + dF_s against F, one value per row (dynamic fusion Eq. 9-12)."""
-    f_c, f_s = base + delta_c, base + delta_s
+    return output_divergences(criterion, base, base + delta_c, base + delta_s, channel_dim)
+
+
+def output_divergences(criterion: str, base: torch.Tensor, f_c: torch.Tensor, f_s: torch.Tensor, channel_dim: int):
+    """(d_c, d_s) from the two fine-tuned outputs F_c, F_s themselves (dynamic fusion Eq. 9-12)."""
     if criterion in ("kl", "js"):
         per_row = kl_per_row if criterion == "kl" else js_per_row
         logp = channel_log_probs(base, channel_dim)

@@ -32,7 +32,7 @@ from . import mha
 from .layer_delta import FuseTarget, LayerDelta
 from .lowrank import channel_dim, full_delta_output, prepare_delta
 from .record import LABELS, SelectionRecord
-from .selection import CRITERIA, KLORA_SCALES, branch_divergences, choose_subject, klora_schedule, \
+from .selection import CRITERIA, KLORA_SCALES, branch_divergences, output_divergences, choose_subject, klora_schedule, \
     klora_switch_progress
 from .selection import klora_scale as scale_at
 
@@ -279,7 +279,15 @@ class FuseSession:
             return y + (delta(0, target.subject) if subject else delta(1, target.style))
 
         d_c, d_s = delta(0, target.subject), delta(1, target.style)
-        with torch.no_grad():
+        if not torch.is_grad_enabled():
+            # sampling: the branch outputs F_c, F_s serve both the criterion and the result (same bits as
+            # y + where(keep, d_c, d_s), one full-size pass less)
+            f_c, f_s = y + d_c, y + d_s
+            choose = choose_subject(*output_divergences(self.criterion, y, f_c, f_s, channel_dim(target.subject)))
+            if record is not None:
+                record.add_rows(self._step, slot, choose, self._row_labels(y.shape[0]))
+            return torch.where(choose.reshape(-1, *([1] * (y.dim() - 1))), f_c, f_s)
+        with torch.no_grad():   # guidance: the choice is a constant, gradients flow through the chosen delta
             div_c, div_s = branch_divergences(self.criterion, y.detach(), d_c.detach(), d_s.detach(),
                                               channel_dim(target.subject))
             choose = choose_subject(div_c, div_s)
