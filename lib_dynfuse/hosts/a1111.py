@@ -117,7 +117,7 @@ def _rows(cond: Any) -> int:
     return int(cond.shape[0])
 
 
-class A1111Host:
+class A1111Host(common.BuiltinLoraList):
     """HostAdapter for AUTOMATIC1111 v1.10 (see common.py for the contract)."""
 
     name = "a1111"
@@ -127,23 +127,8 @@ class A1111Host:
         on_cfg_denoiser(params)
 
     # ------------------------------------------------------------------ LoRA list
-    def lora_names(self) -> List[str]:
-        try:
-            return sorted(networks_module().available_networks, key=str.lower)
-        except Exception as e:  # the builtin Lora extension is disabled
-            log.warning("DynFuse: the builtin Lora extension is not available: %s", e)
-            return []
-
-    def refresh_loras(self) -> List[str]:
-        networks_module().list_available_networks()
-        return self.lora_names()
-
-    def _on_disk(self, name: str):
-        nets = networks_module()
-        found = nets.available_networks.get(name) or nets.available_network_aliases.get(name)
-        if found is None:
-            raise FuseInputError(f"DynFuse: unknown LoRA {name!r} (not in the LoRA list; refresh it or check the name)")
-        return found
+    def networks(self) -> Any:
+        return networks_module()
 
     # ------------------------------------------------------------------ model and files
     def model_base(self) -> str:

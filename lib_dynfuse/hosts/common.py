@@ -103,6 +103,33 @@ class HostLora:
     skipped: List[str] = field(default_factory=list)   # layers read but not fusable here (reason in the name)
 
 
+class BuiltinLoraList:
+    """The LoRA list of the host's builtin Lora extension: its `networks` module has the same globals in
+    AUTOMATIC1111 (extensions-builtin/Lora/networks.py:725-737) and Forge (sd_forge_lora/networks.py:130-167).
+    A host adapter provides `networks()`, which returns that module."""
+
+    def networks(self) -> Any:
+        raise NotImplementedError
+
+    def lora_names(self) -> List[str]:
+        try:
+            return sorted(self.networks().available_networks, key=str.lower)
+        except Exception as e:  # the builtin Lora extension is disabled
+            log.warning("DynFuse: the WebUI's builtin Lora extension is not available: %s", e)
+            return []
+
+    def refresh_loras(self) -> List[str]:
+        self.networks().list_available_networks()
+        return self.lora_names()
+
+    def _on_disk(self, name: str):
+        nets = self.networks()
+        found = nets.available_networks.get(name) or nets.available_network_aliases.get(name)
+        if found is None:
+            raise FuseInputError(f"DynFuse: unknown LoRA {name!r} (not in the LoRA list; refresh it or check the name)")
+        return found
+
+
 class HostAdapter(Protocol):
     """What a WebUI provides to `FuseRun` (see the module docstring for the contract of each method)."""
 

@@ -394,7 +394,7 @@ class PassHooks:
             yield session
 
 
-class ForgeHost:
+class ForgeHost(common.BuiltinLoraList):
     """HostAdapter for Stable Diffusion WebUI Forge (2.x backend), see common.py for the contract."""
 
     name = "forge"
@@ -411,23 +411,8 @@ class ForgeHost:
         return self._api
 
     # ------------------------------------------------------------------ LoRA list (sd_forge_lora/networks.py:130-167)
-    def lora_names(self) -> List[str]:
-        try:
-            return sorted(networks_module().available_networks, key=str.lower)
-        except Exception as e:  # the builtin LoRA extension is disabled
-            log.warning("DynFuse: Forge's builtin LoRA extension is not available: %s", e)
-            return []
-
-    def refresh_loras(self) -> List[str]:
-        networks_module().list_available_networks()
-        return self.lora_names()
-
-    def _on_disk(self, name: str):
-        nets = networks_module()
-        found = nets.available_networks.get(name) or nets.available_network_aliases.get(name)
-        if found is None:
-            raise FuseInputError(f"DynFuse: unknown LoRA {name!r} (not in the LoRA list; refresh it or check the name)")
-        return found
+    def networks(self) -> Any:
+        return networks_module()
 
     # ------------------------------------------------------------------ model and files
     def model_base(self) -> str:
