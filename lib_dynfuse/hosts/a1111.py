@@ -117,8 +117,10 @@ def _rows(cond: Any) -> int:
     return int(cond.shape[0])
 
 
-class A1111Host(common.BuiltinLoraList):
+class A1111Host(common.WebUIHost):
     """HostAdapter for AUTOMATIC1111 v1.10 (see common.py for the contract)."""
+
+    wrapped_methods = ("setup_conds", "sample", "calculate_hr_conds")
 
     name = "a1111"
     gradio_tooltips = True      # gradio_extensons.py IOComponent_init takes tooltip= and sets the element title
@@ -244,23 +246,6 @@ class A1111Host(common.BuiltinLoraList):
         run = getattr(p, RUN_ATTR, None)
         if run is not None and run.enabled and run.fused_names:
             run.exclude_duplicates(p)
-
-    def uninstall(self, p: Any) -> None:
-        for attr in ("setup_conds", "sample", "calculate_hr_conds"):
-            p.__dict__.pop(attr, None)
-        p.__dict__.pop("_dynfuse_wrapped", None)
-
-    def _publish(self, p: Any, run: "common.FuseRun") -> None:
-        text = run.infotext()
-        if text:
-            p.extra_generation_params[common.INFOTEXT_KEY] = text
-
-    # ------------------------------------------------------------------ messages and gallery
-    def report(self, p: Any, message: str) -> None:
-        common.report_on_p(p, message)
-
-    def add_image(self, p: Any, processed: Any, image: Any, infotext: str) -> None:
-        common.append_to_gallery(processed, image, infotext)
 
 
 def _label_rows(run: "common.FuseRun", module: torch.nn.Module, args: tuple) -> None:

@@ -130,6 +130,29 @@ class BuiltinLoraList:
         return found
 
 
+class WebUIHost(BuiltinLoraList):
+    """What both WebUI adapters do alike: messages, gallery, infotext and dropping their per-instance wrappers.
+    A subclass names the `p` methods it wraps in `wrapped_methods`."""
+
+    wrapped_methods: Tuple[str, ...] = ()
+
+    def report(self, p: Any, message: str) -> None:
+        report_on_p(p, message)
+
+    def add_image(self, p: Any, processed: Any, image: Any, infotext: str) -> None:
+        append_to_gallery(processed, image, infotext)
+
+    def uninstall(self, p: Any) -> None:
+        for attr in self.wrapped_methods:
+            p.__dict__.pop(attr, None)
+        p.__dict__.pop("_dynfuse_wrapped", None)
+
+    def _publish(self, p: Any, run: "FuseRun") -> None:
+        text = run.infotext()
+        if text:
+            p.extra_generation_params[INFOTEXT_KEY] = text
+
+
 class HostAdapter(Protocol):
     """What a WebUI provides to `FuseRun` (see the module docstring for the contract of each method)."""
 

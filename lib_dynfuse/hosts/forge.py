@@ -394,8 +394,10 @@ class PassHooks:
             yield session
 
 
-class ForgeHost(common.BuiltinLoraList):
+class ForgeHost(common.WebUIHost):
     """HostAdapter for Stable Diffusion WebUI Forge (2.x backend), see common.py for the contract."""
+
+    wrapped_methods = ("setup_conds",)
 
     name = "forge"
     # Forge's gradio shim takes `tooltip=` on every component (modules/gradio_extensions.py:135-149)
@@ -518,23 +520,6 @@ class ForgeHost(common.BuiltinLoraList):
         hooks = PassHooks(run, p, denoiser_progress(getattr(p, "sampler", None)))
         install_unet_wrapper(p.sd_model, hooks.call)
         return hooks
-
-    def uninstall(self, p: Any) -> None:
-        for attr in ("setup_conds",):
-            p.__dict__.pop(attr, None)
-        p.__dict__.pop("_dynfuse_wrapped", None)
-
-    def _publish(self, p: Any, run: "common.FuseRun") -> None:
-        text = run.infotext()
-        if text:
-            p.extra_generation_params[common.INFOTEXT_KEY] = text
-
-    # ------------------------------------------------------------------ messages and gallery
-    def report(self, p: Any, message: str) -> None:
-        common.report_on_p(p, message)
-
-    def add_image(self, p: Any, processed: Any, image: Any, infotext: str) -> None:
-        common.append_to_gallery(processed, image, infotext)
 
 
 _COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
