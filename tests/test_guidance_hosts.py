@@ -7,6 +7,7 @@ fused image as it is, with a message.
 """
 import base64
 import io
+import json
 import os
 
 import numpy as np
@@ -181,7 +182,9 @@ def test_missing_weights_give_the_fused_image_and_a_message(env, tmp_path, monke
     plain, res_plain = generate(env, steps=2)
     message = p.extra_generation_params.get("DynFuse message", "")
     assert "DynFuse guidance is off" in message and os.path.join(str(tmp_path), "dynfuse") in message
-    assert "without guidance" in message
+    assert "without guidance" in message and "\n" not in message                  # one line in the infotext
+    assert f"DynFuse message: {json.dumps(message)}" in res.infotexts[0].splitlines()[-1]
+    assert any(c.count("\n") >= 2 and "without guidance" in c for c in p.comments)   # whole text in the UI
     assert guidance_run.REFERENCES.renders == before        # weights are checked before anything is rendered
     assert torch.equal(p.samples[0], plain.samples[0]) and images_equal(res.images, res_plain.images)
     assert "DynFuse" in p.extra_generation_params             # fusion itself still on
@@ -316,3 +319,115 @@ def test_xt_gradient_on_an_eps_sampler_moves_x_in_place_exactly():
     with torch.no_grad():
         torch.testing.assert_close(out, TimestepsDenoiser(alphas)(x, t, **extra_args), rtol=1e-12, atol=1e-12)
     assert denoiser.step == 1 and grad.abs().max() > 0 and [s.step for s in grun.log] == [0]
+
+
+# ----------------------------------------------------------------------------- the prompt tag alone (issue 4)
+TAG = "<dynlora:subj:sty:g=1:refsteps=1>"
+
+
+def test_tag_alone_starts_guidance_exactly_like_the_checkbox(env):
+    """`<dynlora:...:g=1>` with the accordion off: references rendered and the latent corrected in Script.process,
+    the same bits as the checkbox (the tag is parsed before the guidance decision, not only at activate)."""
+    guidance_run.REFERENCES.clear()
+    p_box, res_box = generate(env, steps=2, guidance=True)
+    guidance_run.REFERENCES.clear()
+    p_tag, res_tag = env.txt2img(env.ui_values(), prompt=f"{PROMPT} {TAG}", steps=2, seed=7)
+    g = guided(p_tag)
+    assert g.rendered == ["subject", "style"] and [s.step for s in g.log] == [0, 1]
+    assert torch.equal(p_tag.samples[0], p_box.samples[0]) and images_equal(res_tag.images, res_box.images)
+    assert all(np.array_equal(np.asarray(g.images[r]), np.asarray(guided(p_box).images[r])) for r in ("subject", "style"))
+    assert p_tag.extra_generation_params["DynFuse guidance"] == p_box.extra_generation_params["DynFuse guidance"]
+    again, res_again = env.txt2img(env.ui_values(), prompt=f"{PROMPT} {TAG}", steps=2, seed=7)
+    assert guided(again).rendered == [] and images_equal(res_again.images, res_tag.images)
+
+
+def test_every_guidance_field_of_the_tag_counts(env):
+    """Strength, range and reference steps from the tag drive the run that Script.process sets up."""
+    guidance_run.REFERENCES.clear()
+    p, _ = env.txt2img(env.ui_values(), prompt=f"{PROMPT} <dynlora:subj:sty:g=1:gm=25:gstart=0.5:refsteps=1>",
+                       steps=2, seed=7)
+    g = guided(p)
+    assert (g.refiner.scale, [s.step for s in g.log]) == (25.0, [1])
+    assert {k.steps for k in guidance_run.REFERENCES._items} == {1}
+    off, _ = env.txt2img(env.ui_values(enabled=True, subject="subj", style="sty", guidance=True, reference_steps=1),
+                         prompt=f"{PROMPT} <dynlora:subj:sty:g=0>", steps=2, seed=7)
+    assert getattr(off, guidance_run.GUIDANCE_ATTR, None) is None      # the tag switches the checkbox off too
+
+
+def test_a_tag_in_a_job_without_extra_networks_changes_nothing(env):
+    """p.disable_extra_networks: the host never activates the tag (processing.py:959), so guidance stays off."""
+    p, _ = env.txt2img(env.ui_values(), prompt=f"{PROMPT} {TAG}", steps=2, seed=7, disable_extra_networks=True)
+    assert getattr(p, guidance_run.GUIDANCE_ATTR, None) is None and not getattr(p, "dynfuse_run").enabled
+
+
+def _progress_log(env):
+    """(job_no, job_count, sampling_step, sampling_steps, reference?) at every denoiser call (modules/progress.py:102-108)."""
+    from modules import shared
+    seen = []
+
+    def record(params):
+        s = shared.state
+        seen.append((s.job_no, s.job_count, s.sampling_step, s.sampling_steps,
+                     bool(getattr(params.denoiser.p, "dynfuse_reference", False))))
+    env.callbacks.on_cfg_denoiser(record)
+    return seen
+
+
+def _progress(entry):
+    job_no, job_count, step, steps, _ = entry
+    return job_no / job_count + (step / steps / job_count if steps else 0.0)
+
+
+@pytest.mark.parametrize("hires", [False, True])
+def test_progress_bar_and_job_count_include_the_reference_renders(env, hires):
+    from modules import shared
+    guidance_run.REFERENCES.clear()
+    seen = _progress_log(env)
+    try:
+        kw = dict(enable_hr=True, hr_second_pass_steps=2, denoising_strength=0.5) if hires else {}
+        fields = dict(guidance=True, reference_steps=1, guidance_end=0.0)
+        p, _ = env.txt2img(env.ui_values(enabled=True, subject="subj", style="sty", **fields), prompt=PROMPT, steps=3,
+                           seed=5, **kw)
+        main_jobs, main_steps = (2, 3 + 2) if hires else (1, 3)
+        refs = [e for e in seen if e[4]]
+        assert len(refs) == 2 and guided(p).rendered == ["subject", "style"]
+        assert {e[1] for e in seen} == {main_jobs + 2}                 # one job count for the whole request
+        assert [e[0] for e in refs] == [0, 1] and {e[0] for e in seen if not e[4]} == set(range(2, 2 + main_jobs))
+        progress = [_progress(e) for e in seen]
+        assert progress == sorted(progress) and progress[-1] < 1.0
+        assert shared.state.job_no == shared.state.job_count
+        assert shared.total_tqdm._tqdm.total == main_steps + 2 * 1 == shared.total_tqdm.updates
+        seen.clear()
+        cached, _ = env.txt2img(env.ui_values(enabled=True, subject="subj", style="sty", **fields), prompt=PROMPT,
+                                steps=3, seed=5, **kw)                 # nothing rendered: the host's own counts
+        assert guided(cached).rendered == [] and {e[1] for e in seen} == {main_jobs}
+        assert shared.total_tqdm._tqdm.total == main_steps == shared.total_tqdm.updates
+    finally:
+        env.callbacks.callbacks["cfg_denoiser"].remove(env.callbacks.callbacks["cfg_denoiser"][-1])
+
+
+def test_main_job_plan_follows_the_host():
+    from lib_dynfuse.hosts.a1111_guidance import main_job_plan
+    assert main_job_plan(-1, False, 2, 10, hires=False, hr_steps=0, upscale_only=False) == (2, 20, False)
+    assert main_job_plan(-1, False, 2, 10, hires=True, hr_steps=4, upscale_only=False) == (4, 28, True)
+    assert main_job_plan(-1, False, 2, 10, hires=True, hr_steps=0, upscale_only=True) == (4, 20, True)
+    assert main_job_plan(6, False, 2, 10, hires=False, hr_steps=0, upscale_only=False) == (6, None, False)   # x/y/z
+    assert main_job_plan(6, True, 2, 10, hires=True, hr_steps=5, upscale_only=False) == (6, None, True)
+
+
+def test_messages_are_one_line_in_the_infotext_and_whole_in_the_ui():
+    from lib_dynfuse.hosts import common
+    text = "DynFuse guidance is off: no CLIP weights. Put one of these in place:\n  - /a/b\n  - or set a path\n(x)"
+    assert common.one_line(text) == "DynFuse guidance is off: no CLIP weights. Put one of these in place: - /a/b; - or set a path; (x)"
+
+    class P:
+        def __init__(self):
+            self.extra_generation_params, self.shown = {}, []
+
+        def comment(self, message):
+            self.shown.append(message)
+    p = P()
+    common.report_on_p(p, text)
+    common.report_on_p(p, "second\nline")
+    assert p.shown == [text, "second\nline"]
+    assert p.extra_generation_params[common.MESSAGE_KEY] == common.one_line(text) + "; second; line"

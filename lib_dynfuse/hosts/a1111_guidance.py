@@ -3,8 +3,13 @@
 Host facts (upstream 82a973c0) this relies on:
 - Script.process runs before `with torch.no_grad()` (processing.py:914-919); seeds are known (:901-909).
 - A nested `process_images(p2)` with `p2.scripts = None` runs no script hook (every call is guarded by
-  `if p.scripts is not None`); class-level cond caches are replaced by fresh lists on p2 (processing.py:188-189);
-  `state.job_count == -1` is filled by the first processing run (:929-930), so references are counted by hand.
+  `if p.scripts is not None`); class-level cond caches are replaced by fresh lists on p2 (processing.py:188-189).
+- Progress (modules/progress.py:102-108): job_no / job_count + sampling_step / sampling_steps / job_count; each
+  batch of a processing run ends with state.nextjob() (job_no += 1, processing.py:1014, shared_state.py:87-93);
+  the first run fills `job_count == -1` with n_iter (:929-930) and txt2img hires doubles it once, setting
+  shared.total_tqdm's total to the steps of both passes (:1290-1299); otherwise the console's total progress
+  bar takes job_count * sampling_steps at its first step (shared_total_tqdm.py:8-14). `count_reference_jobs`
+  settles these before the first reference render, so each render is one job of the same bar.
 - The CFG denoiser is an nn.Module, `p.sampler.model_wrap_cfg`, called as forward(x, sigma, uncond, cond,
   cond_scale, s_min_uncond, image_cond) (sd_samplers_cfg_denoiser.py:33, :156) with its call counter `step` and
   `total_steps` (sd_samplers_common.py:265-291); it returns x0 for k-diffusion samplers and eps for
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -88,20 +93,36 @@ class A1111Guidance:
         p2.dynfuse_reference = True
         return p2
 
+    def count_reference_jobs(self, p: Any, render_steps: Sequence[int]) -> None:
+        """Before the renders: job_count and the console's total include them (one job per render, whose
+        nested run ends with its own nextjob), and the main run's own count is settled now as the host would."""
+        from modules import shared
+        state = shared.state
+        jobs, main_steps, refined = main_job_plan(
+            state.job_count, state.processing_has_refined_job_count, int(p.n_iter), int(p.steps),
+            hires=bool(getattr(p, "enable_hr", False)) and hasattr(p, "hr_second_pass_steps"),
+            hr_steps=int(getattr(p, "hr_second_pass_steps", 0) or 0),
+            upscale_only=bool(getattr(p, "txt2img_upscale", False)))
+        state.job_count = jobs + len(render_steps)
+        state.processing_has_refined_job_count = refined
+        tqdm = shared.total_tqdm
+        if main_steps is not None:
+            tqdm.updateTotal(main_steps + sum(render_steps))
+        elif getattr(tqdm, "_tqdm", None) is not None:   # a total another script set (x/y/z plot): add ours
+            tqdm.updateTotal(tqdm._tqdm.total + sum(render_steps))
+
     def render_reference(self, p: Any, prompt: str, steps: int, targets: List[FuseTarget], args: Any) -> Optional[Any]:
-        """One nested generation with only this LoRA's deltas through our hooks; None when interrupted/skipped."""
+        """One nested generation with only this LoRA's deltas through our hooks; None when interrupted/skipped.
+        It counts as one job (count_reference_jobs planned it; its batch loop's nextjob advances job_no)."""
         from modules import processing, shared
         from ..session import FuseSession
         state = shared.state
         p2 = self.nested_processing(p, prompt, steps)
-        saved = (state.job_count, state.job_no, state.processing_has_refined_job_count)
-        state.job_count = max(state.job_count, 0) + 1     # the progress bar counts this render
         try:
             with FuseSession(targets, method="merge", record=False, te_mode=args.text_encoder):
                 processed = processing.process_images(p2)
         finally:
             p2.close()
-            state.job_count, state.job_no, state.processing_has_refined_job_count = saved
         if state.interrupted or state.skipped or not processed.images:
             return None
         return processed.images[0]
@@ -148,6 +169,20 @@ class A1111Guidance:
 
     def show_references(self) -> bool:
         return bool(option("dynfuse_show_references"))
+
+
+def main_job_plan(job_count: int, refined: bool, n_iter: int, steps: int, hires: bool, hr_steps: int,
+                  upscale_only: bool) -> Tuple[int, Optional[int], bool]:
+    """(jobs, total sampling steps or None, refined) of the main run, as the host would settle them:
+    job_count -1 -> n_iter (processing.py:929-930); txt2img hires, once: total = (steps + hires steps) * jobs
+    (hires steps only for txt2img_upscale), jobs doubled (:1290-1299). None: the host would not set the total."""
+    jobs = n_iter if job_count == -1 else job_count
+    if hires and not refined:
+        second = hr_steps or steps
+        return jobs * 2, (second if upscale_only else steps + second) * jobs, True
+    if job_count == -1:
+        return jobs, steps * jobs, refined    # what total_tqdm would take at its first step (sampling_steps = steps)
+    return jobs, None, refined
 
 
 def first_stage(decoder: LatentDecoder) -> torch.nn.Module:

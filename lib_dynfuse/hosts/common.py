@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
@@ -58,11 +59,23 @@ RUN_ATTR = "dynfuse_run"        # the FuseRun of a generation, kept on its `p`
 TAG_NAME = "dynlora"            # <dynlora:subject:style[:key=value...]>
 
 
+def one_line(message: str) -> str:
+    """A message as one plain infotext value: the host splits infotext at newlines (infotext_utils.py:254) and
+    only keeps a multi-line value on its line as an escaped JSON string (quote, :56-60), unreadable in the info
+    box. A line ending in ':' runs on with a space, other line breaks become '; '."""
+    out = ""
+    for line in (s.strip() for s in str(message).splitlines()):
+        if line:
+            out = line if not out else out + (" " if out.endswith(":") else "; ") + line
+    return out
+
+
 def report_on_p(p: Any, message: str) -> None:
-    """Show a message in the UI's info box (`p.comment`) and in the infotext / API info (both hosts; the
-    console has it already from the `dynfuse` logger, so nothing is printed here)."""
+    """Show a message in the UI's info box (`p.comment`, full text) and in the infotext / API info (one line;
+    both hosts; the console has it already from the `dynfuse` logger, so nothing is printed here)."""
     if hasattr(p, "comment"):
         p.comment(message)
+    message = one_line(message)
     params = getattr(p, "extra_generation_params", None)
     if params is not None:
         old = params.get(MESSAGE_KEY)
@@ -489,11 +502,47 @@ def prompts_have_tag(p: Any) -> bool:
     return any(isinstance(t, str) and marker in t for t in texts)
 
 
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")   # the host's re_extra_net (extra_networks.py:175)
+
+
+def prompt_tags(prompt: Any) -> List[Tuple[List[str], Dict[str, str]]]:
+    """The `<dynlora:...>` items of one prompt as the host will hand them to ExtraNetwork.activate: args split
+    at ':', an item with exactly one '=' named, any other positional (extra_networks.py:31-45, :178-191)."""
+    tags = []
+    for name, text in _EXTRA_NETWORK.findall(prompt if isinstance(prompt, str) else ""):
+        if name != TAG_NAME:
+            continue
+        positional, named = [], {}
+        for item in text.split(":"):
+            parts = item.split("=", 2)
+            if len(parts) == 2:
+                named[parts[0]] = parts[1]
+            else:
+                positional.append(item)
+        tags.append((positional, named))
+    return tags
+
+
+def first_batch_tags(p: Any) -> List[Tuple[List[str], Dict[str, str]]]:
+    """The tags the host will activate for the first batch: the first prompt's (parse_prompts keeps the
+    first prompt's networks, extra_networks.py:194-206); none when the job disables extra networks."""
+    if getattr(p, "disable_extra_networks", False):
+        return []
+    prompts = getattr(p, "all_prompts", None) or [getattr(p, "prompt", "")]
+    first = prompts[0] if isinstance(prompts, (list, tuple)) else prompts
+    return prompt_tags(first)
+
+
 def begin(host: HostAdapter, p: Any, values: Sequence[Any]) -> FuseRun:
-    """Script.process: the run of this generation from the UI/API values; install only when it may fuse."""
+    """Script.process: the run of this generation from the UI/API values and the first batch's tag (parsed
+    here, before the host activates it per batch, so that what is decided once per generation - install,
+    guidance and its references - sees the tag's fields too); install only when it may fuse."""
     run = FuseRun(host, ui_values=values)
     setattr(p, RUN_ATTR, run)
     run.report_all(p)
+    tags = first_batch_tags(p)
+    if tags:
+        run.use_tag(tags, p)
     if run.enabled or prompts_have_tag(p):
         host.install(p, run)
         run.installed = True

@@ -61,6 +61,8 @@ class GuidanceHost(Protocol):
 
     def xt_problem(self) -> str: ...                                    # why "xt" cannot run here ('' = it can)
 
+    # optional: count_reference_jobs(p, steps_of_each_render) before the renders (progress bar, job counts)
+
     def show_references(self) -> bool: ...
 
 
@@ -108,8 +110,8 @@ class GuidanceRun:
     def __init__(self, run: "common.FuseRun", host: GuidanceHost, p: Any = None, encoders: Any = None,
                  references: Optional[ReferenceCache] = None):
         self.run, self.host, self.p = run, host, p
-        self.encoders = encoders or ENCODERS
-        self.cache = references or REFERENCES
+        self.encoders = encoders if encoders is not None else ENCODERS
+        self.cache = references if references is not None else REFERENCES    # an empty cache is falsy
         self.refiner: Optional[LatentRefiner] = None
         self.images: Dict[str, Any] = {}
         self.rendered: List[str] = []
@@ -126,8 +128,13 @@ class GuidanceRun:
             if not targets:
                 return False          # the fusion itself reported why
             clip, dino = self.encoders.get(**self.host.encoder_settings())   # first: no renders if weights are missing
+            plans = {role: self._plan(p, role, targets) for role in ROLES}
+            renders = [plan for plan in plans.values() if plan.key is not None and plan.key not in self.cache]
+            count_jobs = getattr(self.host, "count_reference_jobs", None)
+            if renders and count_jobs is not None:
+                count_jobs(p, [plan.steps for plan in renders])    # the progress bar includes the renders
             for role in ROLES:
-                image = self._reference(p, role, targets)
+                image = self._reference(plans[role])
                 if image is None:
                     self.run.note("DynFuse guidance: the reference render was interrupted - no guidance", p)
                     return False
@@ -148,11 +155,12 @@ class GuidanceRun:
             self.run.note(f"{e}\n(the image was generated without guidance)", p)
         return False
 
-    def _reference(self, p: Any, role: str, targets: List[FuseTarget]) -> Optional[Any]:
+    def _plan(self, p: Any, role: str, targets: List[FuseTarget]) -> "_ReferencePlan":
+        """Where one reference comes from: the given image, or the cache key and settings of its render."""
         args = self.run.args
         given = args.subject_image if role == "subject" else args.style_image
         if given is not None and not (isinstance(given, str) and not given.strip()):
-            return decode_image_arg(given)
+            return _ReferencePlan(role, given=decode_image_arg(given))
         settings = self.host.reference_settings(p)
         own = args.subject_prompt if role == "subject" else args.style_prompt
         prompt = strip_tags(own or settings.get("prompt", ""))
@@ -160,17 +168,22 @@ class GuidanceRun:
         weight = args.subject_weight if role == "subject" else args.style_weight
         lora = args.subject if role == "subject" else args.style
         key = reference_key(role, settings, self.run.hashes.get(role) or lora, weight, prompt, steps)
-        chosen = single_lora_targets(targets, role)
+        return _ReferencePlan(role, key=key, prompt=prompt, steps=steps, p=p,
+                              targets=single_lora_targets(targets, role))
+
+    def _reference(self, plan: "_ReferencePlan") -> Optional[Any]:
+        if plan.key is None:
+            return plan.given
 
         def render():
-            image = self.host.render_reference(p, prompt, steps, chosen, args)
+            image = self.host.render_reference(plan.p, plan.prompt, plan.steps, plan.targets, self.run.args)
             if image is None:
                 raise _Interrupted()
-            self.rendered.append(role)
+            self.rendered.append(plan.role)
             return [image]
 
         try:
-            images, _ = self.cache.get_or_render(key, render)
+            images, _ = self.cache.get_or_render(plan.key, render)
         except _Interrupted:
             return None
         return images[0]
@@ -253,6 +266,18 @@ class GuidanceRun:
         calls = ", ".join(str(s.step) for s in self.log)
         return (f"R {self.log[0].residual:.4f} -> {self.log[-1].residual:.4f}, {len(self.log)} corrections "
                 f"(calls {calls} of {self.log[-1].total}), grad {self.refiner.grad}")
+
+
+@dataclass
+class _ReferencePlan:
+    """One reference: a given image, or a render (cache key, prompt, steps, that LoRA's targets)."""
+    role: str
+    given: Any = None
+    key: Optional[ReferenceKey] = None
+    prompt: str = ""
+    steps: int = 0
+    p: Any = None
+    targets: Optional[List[FuseTarget]] = None
 
 
 class _Interrupted(Exception):

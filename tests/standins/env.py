@@ -117,10 +117,13 @@ class HostEnv:
         return [getattr(values, f.name) for f in dc_fields(FuseArgs)]
 
     def txt2img(self, args=None, **kwargs):
-        from modules import processing
+        """One request as the API makes it: state.begin(), then process_images (api.py:475-486)."""
+        from modules import processing, shared
         script_args = list(args) if args is not None else self.ui_values()
         self.script.args_from, self.script.args_to = 0, len(script_args)
         p = processing.StableDiffusionProcessingTxt2Img(scripts=self.runner, script_args=script_args, **kwargs)
+        shared.state.begin()
+        shared.total_tqdm.clear()
         return p, processing.process_images(p)
 
     def state_snapshot(self):

@@ -1,10 +1,11 @@
 """Stand-in of modules/processing.py with its sampler and CFG denoiser (v1.10.1), in the host's order of calls.
 
-process_images (processing.py:901-1148): scripts.process (:915) -> per batch: parse_extra_network_prompts (:957),
-extra_networks.activate (:961), setup_conds (:966), p.sample (:987) -> decode -> deactivate (:1132) ->
-Processed -> scripts.postprocess (:1148); all under torch.no_grad() (:919).
+process_images (processing.py:901-1148): scripts.process (:915) -> p.init (:921, hires job count :1290-1299) ->
+job_count (:929-930) -> per batch: parse_extra_network_prompts (:957), extra_networks.activate (:961),
+setup_conds (:966), p.sample (:987) -> decode -> nextjob (:1014) -> deactivate (:1132) -> Processed ->
+scripts.postprocess (:1148); all under torch.no_grad() (:919).
 Txt2Img.sample (:1308-1345): a new sampler, process_before_every_sampling (:1338), sampler.sample; with hires:
-activate(hr_extra_network_data) (:1437), calculate_hr_conds (:1440), a new sampler (:1386), before-every-sampling
+nextjob (:1425), activate(hr_extra_network_data) (:1437), calculate_hr_conds (:1440), a new sampler (:1386), before-every-sampling
 (:1446), sample_img2img with t_enc + 1 steps.
 Conds are cached in class-level lists (:188-189) keyed by prompts, steps and extra_network_data (:440-491).
 Sampler (sd_samplers_common.py:240-300): `launch_sampling` sets the denoiser's `total_steps` =
@@ -108,7 +109,8 @@ class Sampler:
                 d2 = (x2 - model(x2, s_next * ones, uncond, cond, p.cfg_scale)) / s_next
                 d = (d + d2) / 2
             x = x + d * (s_next - s)
-            state.sampling_step = i
+            state.sampling_step = i              # callback_state (sd_samplers_common.py:258-263)
+            shared.total_tqdm.update()
         return x
 
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None):
@@ -168,6 +170,15 @@ class StableDiffusionProcessingTxt2Img:
     def comment(self, text):
         self.comments[text] = 1
 
+    def init(self):
+        """Txt2Img.init's job count (processing.py:1290-1299): hires doubles the jobs once and sets the total."""
+        if self.enable_hr and not state.processing_has_refined_job_count:
+            if state.job_count == -1:
+                state.job_count = self.n_iter
+            shared.total_tqdm.updateTotal((self.steps + (self.hr_second_pass_steps or self.steps)) * state.job_count)
+            state.job_count = state.job_count * 2
+            state.processing_has_refined_job_count = True
+
     def setup_prompts(self):
         n = self.batch_size * self.n_iter
         self.all_prompts = [self.prompt] * n
@@ -224,6 +235,7 @@ class StableDiffusionProcessingTxt2Img:
             return samples
         self.is_hr_pass = True
         samples = torch.nn.functional.interpolate(samples, scale_factor=2, mode="nearest")
+        state.nextjob()                                                  # the first pass is a job (:1425)
         noise = self.rng_noise(tuple(samples.shape[1:]))
         if not self.disable_extra_networks:
             extra_networks.activate(self, self.hr_extra_network_data)
@@ -272,6 +284,7 @@ def process_images(p):
         p.scripts.process(p)
     images, infotexts = [], []
     with torch.no_grad():
+        p.init()
         if state.job_count == -1:
             state.job_count = p.n_iter
         for n in range(p.n_iter):
@@ -290,6 +303,7 @@ def process_images(p):
             for i, image in enumerate(latents_to_images(samples)):
                 images.append(image)
                 infotexts.append(create_infotext(p, n * p.batch_size + i))
+            state.nextjob()                                          # processing.py:1014
     if not p.disable_extra_networks and p.extra_network_data:
         extra_networks.deactivate(p, p.extra_network_data)
     res = Processed(p, images, info=infotexts[0] if infotexts else "", infotexts=infotexts)
