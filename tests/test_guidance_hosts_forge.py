@@ -154,3 +154,76 @@ def test_xt_gradient_falls_back_to_x0_with_a_message():
     grun = guidance_run.GuidanceRun(run, glue, p=None, encoders=encoders)
     assert grun.prepare(forge_p(forge_first_stage(0)))
     assert grun.refiner.grad == "x0" and any(XT_PROBLEM in n for n in notes)
+
+
+# ----------------------------------------------------------------------------- the prompt tag alone in Forge
+from tests.test_forge_adapter import fh, sd15_files  # noqa: E402,F401  (the Forge stand-ins on sys.path)
+
+
+class RecordingForgeGuidance(ForgeGuidance):
+    """ForgeGuidance with the nested process_images replaced by a record of what would be rendered."""
+
+    def __init__(self, host):
+        super().__init__(host)
+        self.renders = []
+
+    def render_reference(self, p, prompt, steps, targets, args):
+        role = "subject" if all(t.style is None for t in targets) else "style"
+        self.renders.append((role, prompt, steps, len(targets)))
+        from PIL import Image
+        return Image.fromarray(np.full((32, 32, 3), 60 if role == "subject" else 200, dtype=np.uint8))
+
+
+def test_forge_tag_alone_starts_guidance_and_counts_the_renders(fh, sd15_files):
+    """Script.process in Forge with the accordion off and `<dynlora:...:g=1:gm=20:refsteps=1:gdec=full>` in the prompt:
+    the run has the tag's fields before Forge activates the tag, references are planned as 2 jobs, and the
+    pass's denoiser output is corrected inside inference mode."""
+    from lib_dynfuse.guidance import ReferenceCache
+    from lib_dynfuse.hosts import common, forge
+    for name, (path, _) in sd15_files.items():
+        fh.networks.register(name, str(path))
+    p = fh.world.make_p(fh.world.sd15_unet_patcher(), fh.world.sd15_clip(), steps=2)
+    fh.shared.sd_model = p.sd_model
+    p.sd_model.forge_objects.vae = SimpleNamespace(first_stage_model=forge_first_stage(0))
+    p.sd_model.sd_checkpoint_info = SimpleNamespace(shorthash="f00d")
+    p.prompt = "a cat <dynlora:subject:style:g=1:gm=20:refsteps=1:gdec=full>"
+    p.all_prompts, p.all_seeds, p.negative_prompt = [p.prompt], [3], ""
+    p.width = p.height = 32
+    p.sampler_name, p.steps, p.cfg_scale, p.n_iter = "Euler", 2, 5.0, 1
+    p.setup_conds = lambda: None
+    p.sampler.model_wrap_cfg = ForgeTimestepsDenoiser(False)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+
+    def sample():   # one k-diffusion call of the pass's denoiser, in Forge's inference mode (processing.py:911)
+        with torch.inference_mode():
+            return p.sampler.model_wrap_cfg(x, torch.tensor([400.0]), uncond=None, cond=None, cond_scale=5.0,
+                                            s_min_uncond=0.0, image_cond=None)
+    p.sample = sample
+    fh.shared.state.__init__()
+    fh.shared.total_tqdm.__init__()
+    host = forge.ForgeHost(fh.api)
+    ghost = RecordingForgeGuidance(host)
+    ghost.encoder_settings = lambda: {}
+    clip, dino = tiny_encoders(0)
+    defaults = [getattr(FuseArgs(), f) for f in FuseArgs.__dataclass_fields__]
+    run = common.begin(host, p, defaults)
+    assert (run.args.enabled, run.args.guidance, run.args.guidance_scale, run.args.reference_steps) == (True, True, 20.0, 1)
+    grun = guidance_run.begin(host, p, ghost=ghost, encoders=SimpleNamespace(get=lambda **kw: (clip, dino)),
+                              references=ReferenceCache())
+    try:
+        assert [r[:3] for r in ghost.renders] == [("subject", "a cat", 1), ("style", "a cat", 1)]
+        assert grun.refiner is not None and grun.refiner.scale == 20.0 and grun.refiner.grad == "x0"
+        assert fh.shared.state.job_count == 1 + 2 and fh.shared.total_tqdm._tqdm.total == 2 + 2 * 1
+        guidance_run.before_every_sampling(host, p, ghost=ghost)
+        with torch.inference_mode():
+            raw = p.sampler.model_wrap_cfg.net(x).clone()
+        out = p.sample()
+        decoder, _ = ghost.decoder(p, "full")
+        _, grad = residual_grad_x0(raw, decoder, grun.refiner.scorer, decoder.image_range)
+        torch.testing.assert_close(out, raw - 20.0 * grad, rtol=1e-5, atol=1e-5)
+        assert [s.step for s in grun.log] == [0] and grad.abs().max() > 0
+        assert p.extra_generation_params["DynFuse guidance"].endswith("grad x0")
+    finally:
+        guidance_run.finish(host, p, None)
+        common.finish(host, p, None)
+    assert len(p.sampler.model_wrap_cfg._forward_hooks) == 0 and p.sample is sample

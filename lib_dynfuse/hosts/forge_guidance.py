@@ -2,9 +2,15 @@
 
 Host facts (Forge @ dfdcbab6, shared/reference/webui-forge.md sections 3-4):
 - the batch loop runs in `torch.inference_mode()` (processing.py:911) and the weights are built there
-  (backend/loader.py:497): backward through the host's VAE or UNet fails, so the decoder used for scoring is a
-  private non-inference copy (built once per model, kept) and the encoders are loaded outside inference mode;
-  the x_t gradient, which needs a backward through the UNet, falls back to the x0 gradient;
+  (`forge_loader` is decorated with it, backend/loader.py:497): autograd refuses to save an inference tensor
+  for backward, so no backward can pass through the host's VAE or UNet, whatever grad mode is set. The decoder
+  used for scoring is a private non-inference copy (built once per model, kept) and the encoders are loaded
+  outside inference mode. The x_t gradient needs that backward through the UNet: a private copy would be a
+  second whole UNet in memory, with the LoRAs Forge merged at that moment, called past Forge's patcher and
+  without the fusion's hooks (they sit on the host's layers); changing the host's parameters to normal tensors
+  is not allowed. So "xt" falls back to "x0" here, with XT_PROBLEM in the message;
+- progress: the same job counters and console total as A1111 (processing.py:921-922, :1019 nextjob,
+  :1325-1334 hires; shared_state.py, shared_total_tqdm.py), so A1111Guidance.count_reference_jobs applies;
 - the CFG denoiser returns x0 for every sampler except CFGDenoiserTimesteps, which sets
   `classic_ddim_eps_estimation` and returns eps (modules/sd_samplers_cfg_denoiser.py:160-166, :222-224;
   sd_samplers_timesteps.py:37-48); its alphas are `sd_model.alphas_cumprod` (sd_samplers_timesteps.py:31);
@@ -23,8 +29,9 @@ from ..guidance import LatentDecoder, make_private_copy
 from ..layer_delta import FuseTarget
 from .a1111_guidance import A1111Guidance, taesd_file
 
-XT_PROBLEM = ("the x_t gradient needs a backward pass through the UNet, whose weights Forge keeps as inference "
-              "tensors")
+XT_PROBLEM = ("the x_t gradient needs a backward pass through the UNet, but Forge builds the UNet weights under "
+              "torch.inference_mode and autograd cannot save inference tensors for backward (a differentiable "
+              "private copy would be a second UNet in memory, without the fusion hooks)")
 
 
 def private_vae_decoder(first_stage: torch.nn.Module) -> LatentDecoder:
