@@ -75,7 +75,10 @@ def _add_routes(demo, app):
 # extra_networks.initialize() clears the registry after scripts load: register before the UI (real-host-facts.md)
 script_callbacks.on_before_ui(_register_extra_network)
 script_callbacks.on_app_started(_add_routes)
+# the guidance settings (shared.opts): --nowebui never runs on_ui_settings (webui.py api_only), so they are also
+# added before the UI, which both modes run; without that the API's options and override_settings do not know them
+script_callbacks.on_before_ui(guidance_run.on_ui_settings)
 if hasattr(script_callbacks, "on_ui_settings"):
-    script_callbacks.on_ui_settings(guidance_run.on_ui_settings)   # guidance weight paths (shared.opts)
+    script_callbacks.on_ui_settings(guidance_run.on_ui_settings)
 if hasattr(HOST, "on_cfg_denoiser"):
     script_callbacks.on_cfg_denoiser(HOST.on_cfg_denoiser)

@@ -431,3 +431,12 @@ def test_messages_are_one_line_in_the_infotext_and_whole_in_the_ui():
     common.report_on_p(p, "second\nline")
     assert p.shown == [text, "second\nline"]
     assert p.extra_generation_params[common.MESSAGE_KEY] == common.one_line(text) + "; second; line"
+
+
+def test_guidance_settings_exist_without_the_settings_ui(env):
+    """--nowebui runs before_ui but never ui_settings (webui.py:26-45): the options are registered anyway, so the
+    API's /options and override_settings accept them."""
+    from modules import shared
+    from lib_dynfuse.hosts.a1111_guidance import OPTIONS
+    assert set(OPTIONS) <= set(shared.opts.data_labels) and not env.callbacks.errors
+    assert shared.opts.data_labels["dynfuse_clip_arch"].default == OPTIONS["dynfuse_clip_arch"][0]

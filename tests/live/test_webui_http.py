@@ -10,6 +10,10 @@ requests use 64x64 images and 2 steps). LoRA names (files in the host's Lora fol
     DYNFUSE_LIVE_SDXL     dyn_sdxl      a LoRA for another base model (an SDXL LoRA when an SD1.5 checkpoint is loaded)
     DYNFUSE_LIVE_BROKEN   dyn_broken    a .safetensors file that does not parse
 
+The latent-refinement tests need guidance weights in the host (models/dynfuse: CLIP and DINO, any weights, random
+ones too); they skip when the host says its weights are missing. DYNFUSE_LIVE_CLIP_ARCH (e.g. ViT-B-32) sends
+`dynfuse_clip_arch` as an override setting with each guided request; empty uses the host's setting.
+
 Run: `DYNFUSE_WEBUI_URL=http://127.0.0.1:7861 .venv/bin/python -m pytest -q tests/live` (about 2-3 minutes on
 2 CPU cores with a tiny checkpoint). On an SDXL checkpoint, point the names at SDXL LoRAs and DYNFUSE_LIVE_SDXL at an
 SD1.5 LoRA. The tests that use the builtin's functional mode switch the host option `lora_functional` and restore
@@ -51,6 +55,7 @@ SCRIPT_KEY = "dynfuse"            # alwayson_scripts key; the host matches the t
 INFOTEXT_KEY = "DynFuse"
 MERGE_TOLERANCE = 1.0             # mean |pixel diff| (0..255) between merged-weight and low-rank LoRA application
 TIMEOUT = 600
+CLIP_ARCH = os.environ.get("DYNFUSE_LIVE_CLIP_ARCH", "")
 
 pytestmark = pytest.mark.skipif(not URL, reason="set DYNFUSE_WEBUI_URL to the URL of a running WebUI to run these")
 
@@ -379,3 +384,57 @@ def test_plain_and_fused_images_unchanged_after_an_interrupted_fused_run(plain):
     assert ok("GET", "/sdapi/v1/progress?skip_current_image=true")["state"]["interrupted"] is True
     assert_same(txt2img().image, plain.image)
     assert_same(txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE)).image, fused_before.image)
+
+
+# ----------------------------------------------------------------------------- latent refinement (guidance)
+GUIDED = dict(enabled=True, subject=SUBJECT, style=STYLE, guidance=True, reference_steps=1)
+
+
+def guided_txt2img(prompt: str = PROMPT, fuse: Optional[List[Any]] = None, settings: Optional[Dict[str, Any]] = None,
+                   **overrides) -> Result:
+    """A request whose guidance uses DYNFUSE_LIVE_CLIP_ARCH (when set) and `settings` as override settings."""
+    override = dict({"dynfuse_clip_arch": CLIP_ARCH} if CLIP_ARCH else {}, **(settings or {}))
+    if override:
+        overrides["override_settings"] = override
+    return txt2img(prompt, fuse=fuse, **overrides)
+
+
+def require_guidance(result: Result) -> None:
+    off = [m for m in result.messages() if "guidance is off" in m]
+    if off:
+        pytest.skip(f"the host has no guidance weights: {off[0][:200]}")
+
+
+def test_guidance_by_the_tag_alone_equals_guidance_by_api_args():
+    """`<dynlora:...:g=1>` with no script args turns guidance on: references, corrections, the same pixels as the
+    API's fields (the references of the second request come from the cache)."""
+    tag = guided_txt2img(f"{PROMPT} <dynlora:{SUBJECT}:{STYLE}:g=1:refsteps=1>", seed=4242)
+    require_guidance(tag)
+    assert "DynFuse guidance" in tag.params, tag.params
+    assert "guidance: True" in tag.params[INFOTEXT_KEY]
+    api = guided_txt2img(fuse=named(**GUIDED), seed=4242)
+    assert "DynFuse guidance" in api.params
+    assert_same(tag.image, api.image, "tag-only vs API-field guidance")
+    unguided = txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE), seed=4242)
+    assert "DynFuse guidance" not in unguided.params
+
+
+def test_guidance_references_come_back_only_when_asked():
+    shown = guided_txt2img(fuse=named(**GUIDED), seed=4243, settings={"dynfuse_show_references": True})
+    require_guidance(shown)
+    assert len(shown.images) == 3 and shown.info["infotexts"][1:] == ["DynFuse subject reference",
+                                                                       "DynFuse style reference"]
+    again = guided_txt2img(fuse=named(**GUIDED), seed=4243)
+    assert len(again.images) == 1
+    assert_same(again.image, shown.image, "cached references")
+
+
+def test_missing_guidance_weights_give_the_unguided_image_and_a_one_line_message():
+    """An architecture nobody has weights for: 200, the fused image without guidance, the reason on one line."""
+    missing = txt2img(fuse=named(**GUIDED), seed=4244, override_settings={"dynfuse_clip_arch": "RN50"})
+    unguided = txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE), seed=4244)
+    assert_same(missing.image, unguided.image, "missing weights")
+    message = missing.params.get("DynFuse message", "")
+    assert "guidance is off" in message and "RN50" in message and "\n" not in message, message
+    assert "DynFuse guidance" not in missing.params
+    assert missing.info["infotexts"][0].count("\n") <= 2      # prompt, negative prompt, one parameters line

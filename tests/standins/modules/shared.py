@@ -1,11 +1,33 @@
-"""Stand-in of modules/shared.py: `opts`, `state`, `cmd_opts`, `sd_model`, `total_tqdm` (shared.py:14-72,
+"""Stand-in of modules/shared.py: `opts` (with OptionInfo), `state`, `cmd_opts`, `sd_model`, `total_tqdm` (shared.py:14-72,
 shared_state.py:10-115, shared_total_tqdm.py)."""
 from types import SimpleNamespace
 
 # options the generation path reads (shared_options.py): batch_cond_uncond :222, persistent_cond_cache :227,
 # lora_functional (extensions-builtin/Lora/scripts/lora_script.py:49), multiple_tqdm (shared_total_tqdm.py:21)
-opts = SimpleNamespace(batch_cond_uncond=True, persistent_cond_cache=True, lora_functional=False,
-                       lora_add_hashes_to_infotext=True, multiple_tqdm=True)
+class OptionInfo:
+    """options.OptionInfo (options.py:13-30): a setting's default, label and section."""
+
+    def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None,
+                 **kwargs):
+        self.default, self.label, self.section = default, label, section
+
+
+class Options(SimpleNamespace):
+    """options.Options: values as attributes; add_option registers a label and fills a missing value with its
+    default (options.py:256-259)."""
+
+    def __init__(self, **values):
+        super().__init__(**values)
+        self.data_labels = {}
+
+    def add_option(self, key, info):
+        self.data_labels[key] = info
+        if not hasattr(self, key):
+            setattr(self, key, info.default)
+
+
+opts = Options(batch_cond_uncond=True, persistent_cond_cache=True, lora_functional=False,
+               lora_add_hashes_to_infotext=True, multiple_tqdm=True)
 
 
 class State:
