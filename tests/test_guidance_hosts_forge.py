@@ -1,14 +1,19 @@
 """Forge side of the latent refinement (hosts/forge_guidance.py): everything happens under inference_mode, the
-host's weights are inference tensors, so scoring goes through private copies; x_t falls back to x0 with a message."""
+host's weights are inference tensors, so scoring goes through private copies; the x_t gradient's denoiser call
+goes through a private copy of the UNet (fused like the host's), and falls back to x0 with a message when a host
+tensor made in inference mode would have to be saved for the backward."""
+import copy
 from types import SimpleNamespace
+
+import pytest
 
 import numpy as np
 import torch
 
 from lib_dynfuse.args import FuseArgs
-from lib_dynfuse.guidance import LatentRefiner, paper_scorer, residual_grad_x0, vae_decoder
+from lib_dynfuse.guidance import LatentRefiner, paper_scorer, residual_grad_x0, residual_grad_xt, vae_decoder
 from lib_dynfuse.hosts import guidance_run
-from lib_dynfuse.hosts.forge_guidance import XT_PROBLEM, ForgeGuidance
+from lib_dynfuse.hosts.forge_guidance import ForgeGuidance
 from lib_dynfuse.layer_delta import FuseTarget, LayerDelta
 from tests.test_guidance_encoders import tiny_encoders
 
@@ -138,24 +143,6 @@ def test_forge_denoiser_outputs_are_corrected_inside_inference_mode():
         assert (out - raw).abs().max() > 1e-5 and [s.step for s in grun.log] == [1]
 
 
-def test_xt_gradient_falls_back_to_x0_with_a_message():
-    notes = []
-    lin = torch.nn.Linear(2, 2)
-    delta = LayerDelta(down=torch.ones(1, 2), up=torch.ones(2, 1))
-    args = FuseArgs(enabled=True, subject="a", style="b", guidance=True, guidance_grad="xt", guidance_decoder="full",
-                    subject_image=np.random.default_rng(0).random((24, 24, 3)),
-                    style_image=np.random.default_rng(1).random((24, 24, 3)))
-    run = SimpleNamespace(args=args, hashes={}, prepare=lambda p: [FuseTarget(name="l", module=lin, group="unet", subject=delta, style=delta)],
-                          note=lambda message, p=None: notes.append(message))
-    clip, dino = tiny_encoders(0)
-    encoders = SimpleNamespace(get=lambda **kw: (clip, dino))
-    glue = ForgeGuidance(host=None)
-    glue.encoder_settings = lambda: {}
-    grun = guidance_run.GuidanceRun(run, glue, p=None, encoders=encoders)
-    assert grun.prepare(forge_p(forge_first_stage(0)))
-    assert grun.refiner.grad == "x0" and any(XT_PROBLEM in n for n in notes)
-
-
 # ----------------------------------------------------------------------------- the prompt tag alone in Forge
 from tests.test_forge_adapter import fh, sd15_files  # noqa: E402,F401  (the Forge stand-ins on sys.path)
 
@@ -227,3 +214,156 @@ def test_forge_tag_alone_starts_guidance_and_counts_the_renders(fh, sd15_files):
         guidance_run.finish(host, p, None)
         common.finish(host, p, None)
     assert len(p.sampler.model_wrap_cfg._forward_hooks) == 0 and p.sample is sample
+
+
+# ----------------------------------------------------------------------------- x_t gradient through a private UNet
+from tests.test_forge_adapter import _reference_subject_only  # noqa: E402
+
+
+def to_inference_tensors(module):
+    """Every parameter and buffer remade inside inference mode, as Forge's loader builds them (loader.py:497)."""
+    with torch.inference_mode():
+        for m in module.modules():
+            for name, prm in list(m.named_parameters(recurse=False)):
+                setattr(m, name, torch.nn.Parameter(prm.detach().clone(), requires_grad=False))
+            for name, buf in list(m.named_buffers(recurse=False)):
+                if buf is not None:
+                    setattr(m, name, buf.clone())
+    return module
+
+
+class ForgeCFGDenoiser(torch.nn.Module):
+    """Forge's CFGDenoiser.forward with sampling_function (modules/sd_samplers_cfg_denoiser.py:156-228,
+    backend/sampling/sampling_function.py:292-334): the UNet patcher is read from sd_model.forge_objects.unet on
+    every call, cond/uncond batched by calc_cond_uncond_batch (through model_function_wrapper), CFG, then
+    `step += 1`; returns x0 (the KModel stand-in predicts x0). `mask`: the inpainting blend x*nmask + ... (:178-181)."""
+
+    def __init__(self, sd_model, total_steps, mask=None):
+        super().__init__()
+        self.sd_model, self.step, self.total_steps, self.mask = sd_model, 0, total_steps, mask
+        if mask is not None:
+            with torch.inference_mode():   # the sampler sets mask/nmask inside the inference-mode block
+                self.nmask = 1 - mask
+        self.classic_ddim_eps_estimation = False
+
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        from backend.sampling.sampling_function import calc_cond_uncond_batch
+        if self.mask is not None:
+            x = x * self.nmask + self.mask * 0.5
+        unet = self.sd_model.forge_objects.unet
+        cond_pred, uncond_pred = calc_cond_uncond_batch(unet.model, cond, uncond, x, sigma, unet.model_options)
+        self.step += 1
+        return uncond_pred + (cond_pred - uncond_pred) * cond_scale
+
+
+def _xt_setup(fh, sd15_files, mask=None):
+    from lib_dynfuse.hosts import common, forge
+    for name, (path, _) in sd15_files.items():
+        fh.networks.register(name, str(path))
+    unet = fh.world.sd15_unet_patcher()
+    reference_model = copy.deepcopy(unet.model)                  # normal tensors, for the hand reference
+    to_inference_tensors(unet.model)
+    p = fh.world.make_p(unet, fh.world.sd15_clip(), steps=2)
+    fh.shared.sd_model = p.sd_model
+    p.sd_model.forge_objects.vae = SimpleNamespace(first_stage_model=forge_first_stage(0))
+    p.sampler.model_wrap_cfg = ForgeCFGDenoiser(p.sd_model, 2, mask)
+    host = forge.ForgeHost(fh.api)
+    g = np.random.default_rng(0)
+    args = FuseArgs(enabled=True, subject="subject", style="zero", guidance=True, guidance_grad="xt",
+                    guidance_decoder="full", guidance_scale=10.0, subject_image=g.random((32, 32, 3)),
+                    style_image=g.random((32, 32, 3)))
+    run = common.FuseRun(host, ui_args=args)
+    setattr(p, common.RUN_ATTR, run)
+    glue = ForgeGuidance(host)
+    glue.encoder_settings = lambda: {}
+    clip, dino = tiny_encoders(0)
+    grun = guidance_run.GuidanceRun(run, glue, p, encoders=SimpleNamespace(get=lambda **kw: (clip, dino)))
+    setattr(p, guidance_run.GUIDANCE_ATTR, grun)
+    assert grun.prepare(p) and grun.refiner.grad == "xt"
+    host.before_every_sampling(p)                                  # the fusion's wrapper (Script hook order)
+    guidance_run.before_every_sampling(host, p, ghost=glue)        # then the correction hooks and the redirect
+    return host, p, grun, glue, unet, reference_model
+
+
+def _sample_call(p, x, ctx):
+    with torch.inference_mode():   # the sampler's x is an inference tensor, moved in place by the pre-hook
+        x_inf = x.clone()
+        out = p.sampler.model_wrap_cfg(x_inf, torch.tensor([500.0]), uncond=ctx.flip(1), cond=ctx, cond_scale=5.0,
+                                       s_min_uncond=0.0, image_cond=None)
+    return x_inf, out
+
+
+def test_forge_xt_gradient_goes_through_a_private_fused_unet(fh, sd15_files):
+    """x_t <- x_t - m d R(x0-hat(x_t)) / d x_t (Eq. 20) with the host's weights inference tensors: equal to a hand
+    reference on a normal copy with the subject LoRA added by hand (zero style: dynamic keeps the subject); the
+    host's model, patcher and hooks untouched; the copy dropped when the generation ends."""
+    host, p, grun, glue, unet, reference_model = _xt_setup(fh, sd15_files)
+    before = {k: v.clone() for k, v in unet.model.state_dict().items()}
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    ctx = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(5))
+    written = sd15_files["subject"][1]
+    with pytest.raises(RuntimeError, match="nference tensors"):    # why a private copy is needed
+        with torch.enable_grad():
+            xg = x.clone().requires_grad_(True)
+            unet.model.apply_model(xg, torch.tensor([500.0]), c_crossattn=ctx).sum().backward()
+
+    def cfg_reference(z):
+        both = _reference_subject_only(reference_model, written, z, ctx, ctx.flip(1))
+        uncond, cond = both.chunk(2)
+        return uncond + (cond - uncond) * 5.0
+    decoder = grun.refiner.decoder
+    _, grad, _ = residual_grad_xt(x, cfg_reference, decoder, grun.refiner.scorer, decoder.image_range)
+    x_inf, out = _sample_call(p, x, ctx)
+    torch.testing.assert_close(x_inf, x - 10.0 * grad, rtol=1e-4, atol=1e-6)
+    assert grad.abs().max() > 0 and [s.step for s in grun.log] == [0] and p.sampler.model_wrap_cfg.step == 1
+    with torch.no_grad():
+        torch.testing.assert_close(out, cfg_reference(x_inf.clone()), rtol=1e-4, atol=1e-5)   # the host's own call
+    private = grun.host_state["redirect"]["private"]
+    assert private.model is not unet.model and not private.model.diffusion_model.conv_in.weight.is_inference()
+    assert all(torch.equal(before[k], v) and v.is_inference() for k, v in unet.model.state_dict().items())
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in unet.model.modules()) == 0
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in private.model.modules()) == 0
+    assert not any("x_t" in m for m in grun.run.messages)
+    guidance_run.finish(host, p, None)
+    assert "private" not in grun.host_state.get("redirect", {}) and not grun._handles
+
+
+def test_forge_xt_gradient_falls_back_to_x0_when_a_host_tensor_blocks_the_backward(fh, sd15_files):
+    """An inpainting mask made in inference mode is saved by the blend's backward: that step and the rest use
+    the x0 gradient, with a message; the call still returns the corrected x0."""
+    with torch.inference_mode():
+        mask = torch.zeros(1, 1, 8, 8)
+        mask[..., :4] = 1.0
+    host, p, grun, glue, unet, _ = _xt_setup(fh, sd15_files, mask=mask)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    ctx = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(5))
+    x_inf, out = _sample_call(p, x, ctx)
+    assert torch.equal(x_inf, x) and grun.refiner.grad == "x0" and [s.step for s in grun.log] == [0]
+    assert any("x_t gradient failed" in m and "x0" in m for m in grun.run.messages)
+    assert "x_t gradient failed" in p.extra_generation_params.get("DynFuse message", "")
+    guidance_run.finish(host, p, None)
+
+
+def test_saved_activations_are_copied_so_in_place_residuals_can_be_differentiated():
+    """Forge's transformer block: n = norm1(x); x += attn(n) (backend/nn/unet.py:240): the backward needs the
+    x that norm1 saw. With the copies the gradient equals the out-of-place reference exactly."""
+    from lib_dynfuse.hosts.forge_guidance import saved_activations_copied
+    torch.manual_seed(0)
+    norm, lin = torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
+    a = torch.randn(3, 8, requires_grad=True)
+
+    def block(x, in_place):
+        x = x * 2
+        n = lin(norm(x))
+        if in_place:
+            x += n
+        else:
+            x = x + n
+        return (norm(x) ** 2).sum()
+    with pytest.raises(RuntimeError, match="inplace"):
+        torch.autograd.grad(block(a, True), a)
+    with saved_activations_copied():
+        out = block(a, True)
+    (got,) = torch.autograd.grad(out, a)
+    (want,) = torch.autograd.grad(block(a, False), a)
+    assert torch.equal(got, want) and got.abs().max() > 0

@@ -5,10 +5,16 @@ Host facts (Forge @ dfdcbab6, shared/reference/webui-forge.md sections 3-4):
   (`forge_loader` is decorated with it, backend/loader.py:497): autograd refuses to save an inference tensor
   for backward, so no backward can pass through the host's VAE or UNet, whatever grad mode is set. The decoder
   used for scoring is a private non-inference copy (built once per model, kept) and the encoders are loaded
-  outside inference mode. The x_t gradient needs that backward through the UNet: a private copy would be a
-  second whole UNet in memory, with the LoRAs Forge merged at that moment, called past Forge's patcher and
-  without the fusion's hooks (they sit on the host's layers); changing the host's parameters to normal tensors
-  is not allowed. So "xt" falls back to "x0" here, with XT_PROBLEM in the message;
+  outside inference mode;
+- x_t gradient: the CFG denoiser reads the UNet patcher from `sd_model.forge_objects.unet` on every call and
+  calls the model through `model_options["model_function_wrapper"]` (sampling_function.py:325-334, :270-273).
+  For the gradient's extra denoiser call only, a wrapper of ours (on a cloned patcher, like the fusion's) sends
+  the UNet call to a private non-inference copy of the KModel (made at the first x_t step of a generation,
+  dropped at its end: one more UNet in memory meanwhile), with the fusion's UNet targets mapped onto the copy's
+  layers by name, and autograd keeping copies of the activations that Forge's UNet changes in place. The
+  host's model, its patcher and every other call stay as they were. Any tensor of the
+  host's made in inference mode that the backward would have to save (an inpainting mask, processing.py blend)
+  makes that step fall back to the x0 gradient with a message;
 - progress: the same job counters and console total as A1111 (processing.py:921-922, :1019 nextjob,
   :1325-1334 hires; shared_state.py, shared_total_tqdm.py), so A1111Guidance.count_reference_jobs applies;
 - the CFG denoiser returns x0 for every sampler except CFGDenoiserTimesteps, which sets
@@ -21,17 +27,18 @@ Host facts (Forge @ dfdcbab6, shared/reference/webui-forge.md sections 3-4):
 from __future__ import annotations
 
 import os
-from typing import Any, List, Optional, Tuple
+import contextlib
+from dataclasses import replace
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from ..guidance import LatentDecoder, make_private_copy
 from ..layer_delta import FuseTarget
 from .a1111_guidance import A1111Guidance, taesd_file
+from .forge import denoiser_progress, row_labels
 
-XT_PROBLEM = ("the x_t gradient needs a backward pass through the UNet, but Forge builds the UNet weights under "
-              "torch.inference_mode and autograd cannot save inference tensors for backward (a differentiable "
-              "private copy would be a second UNet in memory, without the fusion hooks)")
+XT_NO_UNET = "the x_t gradient found no UNet to copy (no sd_model.forge_objects.unet)"
 
 
 def private_vae_decoder(first_stage: torch.nn.Module) -> LatentDecoder:
@@ -44,6 +51,72 @@ def private_vae_decoder(first_stage: torch.nn.Module) -> LatentDecoder:
 def private_taesd_decoder(decoder: torch.nn.Module) -> LatentDecoder:
     """The host's TAESD decoder (latents -> [0,1]) as a private copy."""
     return LatentDecoder(make_private_copy(decoder), 1.0, 0.0, (0.0, 1.0), False)
+
+
+class PrivateUNet:
+    """A non-inference copy of the host's KModel with the fusion's UNet targets mapped onto its layers, called
+    in place of the host's model during the x_t gradient's denoiser call only."""
+
+    def __init__(self, kmodel: torch.nn.Module, targets: List[FuseTarget], args: Any):
+        from ..session import FuseSession
+        self.source = kmodel
+        self.model = make_private_copy(kmodel)
+        names = {id(m): n for n, m in kmodel.named_modules()}
+        mapped = [replace(t, module=self.model.get_submodule(names[id(t.module)]))
+                  for t in targets if t.group == "unet" and id(t.module) in names]
+        self.session = None
+        if mapped:
+            self.session = FuseSession(mapped, method=args.method, criterion=args.criterion,
+                                       klora_alpha=args.klora_alpha, klora_beta=args.klora_beta,
+                                       klora_scale=args.klora_scale, record=False, te_mode=args.text_encoder)
+
+    def apply(self, args: Dict[str, Any], progress: Callable[[], Tuple[int, int]]) -> torch.Tensor:
+        """One UNet call as Forge makes it (`apply_model(input, timestep, **c)`), fused like the host's call."""
+        if self.session is None:
+            return self.model.apply_model(args["input"], args["timestep"], **args["c"])
+        self.session.set_step(*progress())
+        self.session.set_row_labels(row_labels(args.get("cond_or_uncond", []), int(args["input"].shape[0])))
+        with self.session:
+            return self.model.apply_model(args["input"], args["timestep"], **args["c"])
+
+
+def _copy_activation(t: torch.Tensor) -> torch.Tensor:
+    return t.clone() if t.grad_fn is not None else t
+
+
+def saved_activations_copied():
+    """Autograd keeps its own copy of every saved activation (not of weights or inputs): Forge's UNet adds
+    residuals in place (`x += n` after `norm1(x)`, backend/nn/unet.py:240, :272), which a backward through
+    the saved originals refuses. Thread-local (torch.autograd.graph.saved_tensors_hooks); costs one more copy
+    of the saved activations for the x_t call only."""
+    return torch.autograd.graph.saved_tensors_hooks(_copy_activation, lambda t: t)
+
+
+def make_redirect_wrapper(state: Dict[str, Any], previous: Optional[Callable] = None) -> Callable:
+    """A `model_function_wrapper` that sends the call to `state["private"]` while `state["active"]`, and
+    otherwise passes it on unchanged (to `previous`, the fusion's or another extension's wrapper)."""
+    def dynfuse_guidance_wrapper(apply_model, args):
+        if state.get("active"):
+            return state["private"].apply(args, state["progress"])
+        if previous is not None:
+            return previous(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    dynfuse_guidance_wrapper.dynfuse_previous = previous
+    dynfuse_guidance_wrapper.dynfuse_redirect = True
+    return dynfuse_guidance_wrapper
+
+
+def install_redirect_wrapper(sd_model: Any, state: Dict[str, Any]) -> Any:
+    """Our redirect outermost on a clone of `forge_objects.unet` (assigned back; an older one of ours unwrapped)."""
+    objects = sd_model.forge_objects
+    unet = objects.unet.clone()
+    previous = unet.model_options.get("model_function_wrapper")
+    while previous is not None and getattr(previous, "dynfuse_redirect", False):
+        previous = previous.dynfuse_previous
+    unet.set_model_unet_function_wrapper(make_redirect_wrapper(state, previous))
+    objects.unet = unet
+    return unet
 
 
 class ForgeGuidance(A1111Guidance):
@@ -91,4 +164,38 @@ class ForgeGuidance(A1111Guidance):
         return p.sd_model.alphas_cumprod
 
     def xt_problem(self) -> str:
-        return XT_PROBLEM
+        return ""
+
+    # ------------------------------------------------------------------ the x_t gradient (private UNet)
+    def before_pass(self, p: Any, grun: Any) -> None:
+        """process_before_every_sampling, after the fusion's wrapper: the redirect goes on this pass's patcher."""
+        if grun.refiner is None or grun.refiner.grad != "xt":
+            return
+        state = grun.host_state.setdefault("redirect", {"active": False})
+        state["progress"] = denoiser_progress(getattr(p, "sampler", None))
+        install_redirect_wrapper(p.sd_model, state)
+
+    @contextlib.contextmanager
+    def differentiable(self, p: Any, grun: Any) -> Iterator[None]:
+        """Around the gradient's denoiser call: its UNet call goes to the private copy (made on first use)."""
+        state = grun.host_state.get("redirect")
+        unet = getattr(getattr(p.sd_model, "forge_objects", None), "unet", None)
+        if state is None or unet is None:
+            raise RuntimeError(XT_NO_UNET)
+        private = state.get("private")
+        if private is None or private.source is not unet.model:
+            state["private"] = None       # free an old copy first
+            state["private"] = PrivateUNet(unet.model, grun.run.prepare(p) or [], grun.run.args)
+        state["active"] = True
+        try:
+            with saved_activations_copied():
+                yield
+        finally:
+            state["active"] = False
+
+    def release(self, p: Any, grun: Any) -> None:
+        """The generation is over: the private copy goes (it holds a whole UNet)."""
+        state = grun.host_state.get("redirect")
+        if state is not None:
+            state["active"] = False
+            state.pop("private", None)

@@ -18,6 +18,7 @@ When anything needed is missing the generation goes on without guidance and the 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass, replace
@@ -61,7 +62,9 @@ class GuidanceHost(Protocol):
 
     def xt_problem(self) -> str: ...                                    # why "xt" cannot run here ('' = it can)
 
-    # optional: count_reference_jobs(p, steps_of_each_render) before the renders (progress bar, job counts)
+    # optional: count_reference_jobs(p, steps_of_each_render) before the renders (progress bar, job counts);
+    # before_pass(p, grun) after the hooks of a pass are on; differentiable(p, grun) a context manager around the
+    # x_t gradient's denoiser call; release(p, grun) when the generation's sampling is over
 
     def show_references(self) -> bool: ...
 
@@ -118,6 +121,7 @@ class GuidanceRun:
         self.log: List[StepLog] = []
         self._handles: List[Any] = []
         self._busy = False
+        self.host_state: Dict[str, Any] = {}   # what the GuidanceHost keeps for this generation only
 
     # ------------------------------------------------------------------ set-up (Script.process)
     def prepare(self, p: Any) -> bool:
@@ -203,6 +207,14 @@ class GuidanceRun:
             h.remove()
         self._handles = []
 
+    def release(self) -> None:
+        """Hooks gone and the host's per-generation state dropped (Forge: the private UNet copy)."""
+        self.detach()
+        release = getattr(self.host, "release", None)
+        if release is not None:
+            release(self.p, self)
+        self.host_state.clear()
+
     def _before_call(self, denoiser: Any, inputs: tuple, kwargs: dict):
         """x_t gradient (Eq. 20): x_t <- x_t - m * grad_xt R, in place, so the UNet and the sampler see it."""
         if self._busy or self.refiner.grad != "xt":
@@ -212,7 +224,13 @@ class GuidanceRun:
             return None
         x = inputs[0]
         model_fn = self._model_fn(denoiser, inputs, kwargs)
-        _, info = self.refiner.correct_xt(x, model_fn)
+        try:
+            _, info = self.refiner.correct_xt(x, model_fn)
+        except RuntimeError as e:   # e.g. an inpainting mask made under inference mode meets the backward
+            self.run.note(f"DynFuse guidance: the x_t gradient failed at call {step} ({e}); using the x0 "
+                          "gradient from here on", self.p)
+            self.refiner.grad = "x0"
+            return None
         with torch.no_grad():
             x.sub_((self.refiner.scale * info.grad).to(x.dtype))
         self._record(step, total, info)
@@ -244,11 +262,14 @@ class GuidanceRun:
         rest = inputs[1:]
         eps = self.host.prediction(denoiser) == "eps"
 
+        differentiable = getattr(self.host, "differentiable", None)
+
         def model_fn(x):
             saved = denoiser.step
             self._busy = True
             try:
-                out = denoiser.forward(x, *rest, **kwargs)
+                with (differentiable(self.p, self) if differentiable is not None else contextlib.nullcontext()):
+                    out = denoiser.forward(x, *rest, **kwargs)
             finally:
                 denoiser.step = saved
                 self._busy = False
@@ -323,7 +344,7 @@ def begin(host: Any, p: Any, ghost: Optional[GuidanceHost] = None, **kwargs) -> 
         try:
             return sample(*a, **kw)
         finally:
-            grun.detach()
+            grun.release()
             summary = grun.summary()
             params = getattr(p, "extra_generation_params", None)
             if summary and params is not None:
@@ -337,7 +358,11 @@ def before_every_sampling(host: Any, p: Any, ghost: Optional[GuidanceHost] = Non
     """Script.process_before_every_sampling: the sampler of this pass exists (processing.py:1308/1386)."""
     grun = getattr(p, GUIDANCE_ATTR, None)
     if grun is not None and grun.refiner is not None:
-        grun.attach((ghost or grun.host).denoiser(p))
+        ghost = ghost or grun.host
+        grun.attach(ghost.denoiser(p))
+        before_pass = getattr(ghost, "before_pass", None)
+        if before_pass is not None:
+            before_pass(p, grun)
 
 
 def finish(host: Any, p: Any, processed: Any) -> None:
@@ -345,7 +370,7 @@ def finish(host: Any, p: Any, processed: Any) -> None:
     grun = getattr(p, GUIDANCE_ATTR, None)
     if grun is None:
         return
-    grun.detach()
+    grun.release()
     wrapper = p.__dict__.get("sample")
     if getattr(wrapper, "__name__", "") == "sample_guided":
         if wrapper.dynfuse_inner is None:
