@@ -119,7 +119,9 @@ def child(spec: Dict) -> Dict[str, Dict[str, int]]:
             step[-1].call(0)
         else:
             method, _, criterion = name.partition("_")
-            with fuse(unet, loras[0], loras[1], method=method, criterion=criterion or "kl") as session:
+            baked = criterion == "baked"    # klora_baked, merge_baked: FuseSession(weight_space=True)
+            with fuse(unet, loras[0], loras[1], method=method, criterion="kl" if baked else (criterion or "kl"),
+                      weight_space=baked) as session:
                 session.set_step(STEPS // 2, STEPS)
                 unet_call(unet, inputs)
         results[name] = {"before": before, "peak": meter.peak()}

@@ -11,6 +11,8 @@ TARGETS: Dict[str, float] = {
     "dynamic_kl_r64_vs_merged": 1.20,
     "klora_r64_vs_merged": 1.05,
     "merge_r64_vs_merged": 1.05,
+    "klora_baked_r64_vs_merged": 1.05,
+    "merge_baked_r64_vs_merged": 1.05,
     "guided_x0_taesd_vs_unguided": 1.50,
     "mem_dynamic_kl_r64_vs_merged": 1.10,
     "mem_klora_r64_vs_merged": 1.10,
@@ -26,6 +28,7 @@ class Row:
     ratio: Optional[float]     # median of per-round ratios to `floor`
     floor: Optional[str]
     spread: float              # (max - min) / median of the rounds
+    flops: Optional[float] = None   # matmul/conv FLOPs of one call / the floor's (None = not counted)
 
 
 def ratio_name(row: Row) -> str:
@@ -65,6 +68,8 @@ def json_ratios(results: Dict[str, Dict]) -> Dict[str, float]:
         for row in res["rows"]:
             if row.ratio is not None:
                 out[prefix + ratio_name(row)] = round(row.ratio, 3)
+            if row.flops is not None and row.floor is not None:
+                out[prefix + "flops_" + ratio_name(row)] = round(row.flops, 3)
         for config, m in mem.items():
             floor = mem.get(memory_floor(config))
             if floor and config != memory_floor(config):
@@ -74,7 +79,8 @@ def json_ratios(results: Dict[str, Dict]) -> Dict[str, float]:
             out[prefix + "references_cached_vs_first"] = round(extra["references_cached_s"] / extra["references_first_s"], 4)
         floor_row = next((r for r in res["rows"] if r.name == f"merged_r{main_rank}"), None)
         if floor_row is not None:
-            for key in ("setup_klora_first", "setup_klora_again", "setup_dynamic_first"):
+            for key in ("setup_klora_first", "setup_klora_again", "setup_dynamic_first", "setup_klora_baked_again",
+                        "setup_merge_baked_again"):
                 sec = extra.get(f"{key}_r{main_rank}_s")
                 if sec is not None:
                     out[prefix + f"{key}_r{main_rank}_vs_merged_call"] = round(sec / floor_row.seconds, 3)
@@ -90,8 +96,8 @@ def markdown_table(results: Dict[str, Dict], header: str) -> str:
     for shape, res in results.items():
         main_rank, mem = res["main_rank"], res["memory"]
         lines += [f"**{shape}** (batch 2 = cond + uncond; floor = both LoRAs merged into the weights)", "",
-                  "| case | s per call (median) | ratio to floor | spread | peak MiB | peak ratio | working MiB | target |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+                  "| case | s per call (median) | ratio to floor | FLOP ratio | spread | peak MiB | peak ratio | working MiB | target |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for row in res["rows"]:
             mkey = memory_key(row.name, main_rank)
             m = mem.get(mkey)
@@ -103,7 +109,8 @@ def markdown_table(results: Dict[str, Dict], header: str) -> str:
                 if key in TARGETS and value is not None:
                     verdicts.append(f"{'ok' if value <= TARGETS[key] else 'MISSED'} (<= {TARGETS[key]:.2f})")
             floor_label = "" if row.floor is None else f" / {row.floor}"
-            lines.append(f"| {row.name}{floor_label} | {row.seconds:.3f} | {_fmt(row.ratio)} | {row.spread:.0%} | "
+            flops = _fmt(row.flops) if row.floor is not None else ""
+            lines.append(f"| {row.name}{floor_label} | {row.seconds:.3f} | {_fmt(row.ratio)} | {flops} | {row.spread:.0%} | "
                          f"{_fmt(m['peak'] / MIB if m else None, 0)} | {_fmt(peak_ratio)} | "
                          f"{_fmt((m['peak'] - m['before']) / MIB if m else None, 0)} | {'; '.join(verdicts)} |")
         extra = res["extra"]

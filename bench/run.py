@@ -29,10 +29,19 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` and `lib_dy
 # cost a time slice (measured: a tiny UNet call 0.2 s -> 5-10 s with 2 threads at load 10); passive waiting
 # keeps the comparison about the code under test. Must be set before torch starts its thread pool.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# glibc hands every block over 32 MiB back to the kernel when it is freed, so each UNet call page-faults its
+# activations in again (16k faults per 64 MiB, measured; a third of a CPU run's time went to the kernel). GPU
+# allocators cache blocks; keeping freed blocks in the heap does the same here, for the floor and the fused
+# cases alike. The variable is read when the process starts, hence the re-exec.
+_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736"
+if sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ and __name__ == "__main__":
+    os.environ["GLIBC_TUNABLES"] = _TUNABLES
+    os.execv(sys.executable, [sys.executable] + sys.argv)
 
 import torch  # noqa: E402
 
 from bench import guidance_cases, memory, models  # noqa: E402
+from bench.flops import case_flops  # noqa: E402
 from bench.loras import MergedWeights, write_pair  # noqa: E402
 from bench.report import Row, json_ratios, markdown_table, targets_summary  # noqa: E402
 from bench.timing import interleaved  # noqa: E402
@@ -59,7 +68,8 @@ class Plan:
 def quick_plan() -> Plan:
     return Plan(shapes=[("sd15", 32)], ranks=[64], criteria_ranks=[64], main_rank=64, rounds=3, heavy_rounds=1,
                 warmup=0, reference_steps=1,
-                memory_configs=["dynamic_kl", "klora", "merge", "merged", "step_off", "step_x0_taesd"])
+                memory_configs=["dynamic_kl", "klora", "merge", "klora_baked", "merge_baked", "merged", "step_off",
+                                "step_x0_taesd"])
 
 
 def full_plan(cuda: bool) -> Plan:
@@ -67,7 +77,7 @@ def full_plan(cuda: bool) -> Plan:
     return Plan(shapes=shapes, ranks=[4, 16, 64, 128], criteria_ranks=[64], main_rank=64, rounds=5,
                 heavy_rounds=3, warmup=1, reference_steps=4,
                 memory_configs=["none", "dynamic_kl", "dynamic_js", "dynamic_cosine", "dynamic_dot", "klora",
-                                "merge", "merged", "step_off", "step_x0_taesd", "step_x0_vae", "step_xt_taesd"])
+                                "merge", "klora_baked", "merge_baked", "merged", "step_off", "step_x0_taesd", "step_x0_vae", "step_xt_taesd"])
 
 
 def log(msg: str) -> None:
@@ -91,7 +101,7 @@ def bench_shape(kind: str, latent: int, plan: Plan, args, folder: str) -> Dict:
                                               for r, p in pairs.items()))
     extra: Dict[str, float] = {}
     if "unet" in args.parts:
-        for name, sec in setup_seconds(unet, main, ("dynamic", "klora", "merge")).items():
+        for name, sec in setup_seconds(unet, main, ("dynamic", "klora", "merge", "klora_baked", "merge_baked")).items():
             extra[f"setup_{name}_r{plan.main_rank}_s"] = sec
     rows: List[Row] = []
     cases: list = []
@@ -99,8 +109,10 @@ def bench_shape(kind: str, latent: int, plan: Plan, args, folder: str) -> Dict:
         log(f"[{tag}] per UNet call, {plan.rounds} rounds")
         cases = unet_cases(unet, inputs, pairs, merged, CRITERIA, plan.criteria_ranks)
         t = interleaved(cases, plan.rounds, plan.warmup, device, log)
+        flops = case_flops(cases)
         for c in cases:
-            rows.append(Row("unet", c.name, t.median(c.name), t.ratio(c.name), c.floor, t.spread(c.name)))
+            flop_ratio = flops[c.name] / flops[c.floor] if c.floor else None
+            rows.append(Row("unet", c.name, t.median(c.name), t.ratio(c.name), c.floor, t.spread(c.name), flop_ratio))
 
     gm = None
     if "guidance" in args.parts or "references" in args.parts:

@@ -40,11 +40,34 @@ def channel_log_probs(feature: torch.Tensor, channel_dim: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- criteria (one value per row)
-def kl_per_row(logp_hat: torch.Tensor, logp_base: torch.Tensor) -> torch.Tensor:
-    """KL(F_hat || F) per token, mean over tokens: [B] (dynamic fusion Eq. 11-12)."""
-    kl = F.kl_div(logp_base, logp_hat, reduction="none", log_target=True).sum(-1)  # exp(lp_hat)*(lp_hat-lp_base)
+def softmax_parts(feature: torch.Tensor, channel_dim: int):
+    """(exp(F - max), its sum, LSE) over channels per token, float32, channels kept as size 1 (dynamic fusion Eq. 11-12)."""
+    f = feature.float()
+    top = f.amax(channel_dim, keepdim=True)
+    unnormalised = (f - top).exp_()
+    total = unnormalised.sum(channel_dim, keepdim=True)
+    return unnormalised, total, top + total.log()
+
+
+def channel_logsumexp(feature: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """log sum_c exp(F_c) per token, float32, channels kept as size 1: the softmax normaliser of Eq. 11-12."""
+    return softmax_parts(feature, channel_dim)[2]
+
+
+def kl_from_delta_per_row(f_hat: torch.Tensor, delta: torch.Tensor, lse_base: torch.Tensor,
+                          channel_dim: int) -> torch.Tensor:
+    """KL(F_hat || F) per token as sum_c p_hat dF - (LSE(F_hat) - LSE(F)), mean over tokens: [B] (dynamic fusion Eq. 11-12).
+
+    The same value as sum_c p_hat (log p_hat - log p) (log p_hat - log p = dF - the LSE difference, and p_hat
+    sums to one), with one exp per branch instead of two, on the layer's own layout (no copy to tokens x
+    channels). `lse_base` = channel_logsumexp(F), shared by both branches. A zero dF gives exactly 0:
+    F_hat is then F bit for bit, so both LSEs come from the same bits.
+    """
+    unnormalised, total, lse_hat = softmax_parts(f_hat, channel_dim)
+    mean_delta = unnormalised.mul_(delta.float()).sum(channel_dim, keepdim=True).div_(total)   # E_p_hat[dF]
+    kl = mean_delta.sub_(lse_hat - lse_base)
     # KL >= 0; rounding can give -1e-9 for a tiny delta, which must not lose a tie against a zero delta.
-    return kl.mean(-1).clamp_min(0.0)
+    return kl.reshape(kl.shape[0], -1).mean(1).clamp_min(0.0)
 
 
 def js_per_row(logp_hat: torch.Tensor, logp_base: torch.Tensor) -> torch.Tensor:
@@ -79,16 +102,23 @@ CRITERIA = ("kl", "js", "cosine", "dot")
 def branch_divergences(criterion: str, base: torch.Tensor, delta_c: torch.Tensor, delta_s: torch.Tensor,
                        channel_dim: int):
     """(d_c, d_s): the criterion for F + dF_c and F + dF_s against F, one value per row (dynamic fusion Eq. 9-12)."""
-    return output_divergences(criterion, base, base + delta_c, base + delta_s, channel_dim)
+    return output_divergences(criterion, base, base + delta_c, base + delta_s, channel_dim, delta_c, delta_s)
 
 
-def output_divergences(criterion: str, base: torch.Tensor, f_c: torch.Tensor, f_s: torch.Tensor, channel_dim: int):
-    """(d_c, d_s) from the two fine-tuned outputs F_c, F_s themselves (dynamic fusion Eq. 9-12)."""
-    if criterion in ("kl", "js"):
-        per_row = kl_per_row if criterion == "kl" else js_per_row
+def output_divergences(criterion: str, base: torch.Tensor, f_c: torch.Tensor, f_s: torch.Tensor, channel_dim: int,
+                       delta_c: Optional[torch.Tensor] = None, delta_s: Optional[torch.Tensor] = None):
+    """(d_c, d_s) from the two fine-tuned outputs F_c, F_s (and, for KL, their deltas F_c - F, F_s - F when the
+    caller has them; otherwise they are formed here) (dynamic fusion Eq. 9-12)."""
+    if criterion == "kl":
+        lse = channel_logsumexp(base, channel_dim)
+        delta_c = f_c - base if delta_c is None else delta_c
+        delta_s = f_s - base if delta_s is None else delta_s
+        return (kl_from_delta_per_row(f_c, delta_c, lse, channel_dim),
+                kl_from_delta_per_row(f_s, delta_s, lse, channel_dim))
+    if criterion == "js":
         logp = channel_log_probs(base, channel_dim)
-        return (per_row(channel_log_probs(f_c, channel_dim), logp),
-                per_row(channel_log_probs(f_s, channel_dim), logp))
+        return (js_per_row(channel_log_probs(f_c, channel_dim), logp),
+                js_per_row(channel_log_probs(f_s, channel_dim), logp))
     if criterion == "cosine":
         return cosine_divergence_per_row(f_c, base), cosine_divergence_per_row(f_s, base)
     if criterion == "dot":

@@ -50,7 +50,8 @@ class FuseSession:
 
     def __init__(self, targets: Sequence[FuseTarget], method: str = "dynamic", criterion: str = "kl",
                  klora_alpha: float = 1.5, klora_beta: float = 0.5, klora_scale: str = "linear",
-                 record: bool = True, te_mode: str = "select", klora_key: Optional[Hashable] = None):
+                 record: bool = True, te_mode: str = "select", klora_key: Optional[Hashable] = None,
+                 weight_space: bool = False, backup_device="cpu"):
         _check_choice("method", method, METHODS)
         _check_choice("criterion", criterion, CRITERIA)
         _check_choice("klora_scale", klora_scale, KLORA_SCALES)
@@ -71,7 +72,12 @@ class FuseSession:
                     raise ValueError(f"DynFuse: target {t.name!r} cannot be fused: {problem}")
         if len({(id(t.module), t.part) for t in self.targets}) != len(self.targets):
             raise ValueError("DynFuse: two targets share one module; give each layer one FuseTarget")
+        if weight_space and method == "dynamic":
+            raise ValueError("DynFuse: weight_space needs method 'merge' or 'klora'; 'dynamic' chooses per input, "
+                             "which only forward-time deltas can do")
         self.method, self.criterion, self.te_mode = method, criterion, te_mode
+        self.weight_space, self.backup_device = bool(weight_space), backup_device
+        self._baked = None
         self.klora_alpha, self.klora_beta, self.klora_scale = float(klora_alpha), float(klora_beta), klora_scale
         if method == "klora":
             scale_at(0.0, self.klora_alpha, self.klora_beta, klora_scale)  # star needs alpha > 0: fail here, not in a hook
@@ -107,8 +113,17 @@ class FuseSession:
 
     def open(self) -> "FuseSession":
         """Register one forward hook per target (undone completely if any registration fails)."""
-        if self._handles:
+        if self.is_open:
             raise RuntimeError("DynFuse: this FuseSession is already open")
+        if self.weight_space:
+            from .baked import BakedWeights
+            self._baked = BakedWeights(self.targets, self.backup_device)
+            try:
+                self._bake_step()
+            except BaseException:
+                self.close()
+                raise
+            return self
         try:
             mha_parts: Dict[int, Dict[str, int]] = {}
             for i, t in enumerate(self.targets):
@@ -129,9 +144,15 @@ class FuseSession:
         return self
 
     def close(self) -> None:
-        """Remove every hook; idempotent, and safe to call from `finally`."""
+        """Remove every hook and restore every baked weight; idempotent, and safe to call from `finally`."""
         handles, self._handles = self._handles, []
+        baked, self._baked = self._baked, None
         first_error = None
+        if baked is not None:
+            try:
+                baked.restore()
+            except Exception as e:
+                first_error = e
         for h in handles:
             try:
                 h.remove()
@@ -147,7 +168,7 @@ class FuseSession:
 
     @property
     def is_open(self) -> bool:
-        return bool(self._handles)
+        return bool(self._handles) or self._baked is not None
 
     # ------------------------------------------------------------------ caller-supplied state
     def set_step(self, step: int, total: int) -> None:
@@ -156,6 +177,8 @@ class FuseSession:
         if total < 1 or not 0 <= step:
             raise ValueError(f"DynFuse: set_step needs 0 <= step and total >= 1, got step={step}, total={total}")
         self._step, self._total = step, total
+        if self._baked is not None:
+            self._bake_step()
 
     @property
     def progress(self) -> float:
@@ -202,6 +225,27 @@ class FuseSession:
             return None
         s = self.klora_sums
         return klora_switch_progress(s.top_c, s.top_s, s.gamma, self.klora_alpha, self.klora_beta)
+
+    # ------------------------------------------------------------------ weight space (merge, klora)
+    def _bake_step(self) -> None:
+        """Bake every target's deltas for the current step (K-LoRA re-bakes only the layers whose pick changed)."""
+        from .baked import baked_deltas
+        for i, t in enumerate(self.targets):
+            mode = self._mode(t)
+            keep_subject = None
+            if t.is_shared and mode == "select":
+                keep_subject = self._klora_pick(i, t)
+                slot = self._record_slot.get(i)
+                if slot is not None and self.record is not None:
+                    # one decision per step for every row (no calls are seen in weight space)
+                    self.record.add_all(self._step, slot, keep_subject, self._labels or ["cond"])
+            self._baked.bake(i, baked_deltas(t, mode, keep_subject))
+
+    def _klora_pick(self, index: int, target: FuseTarget) -> bool:
+        """K-LoRA's choice for a shared target at the current step (text encoders: progress 0)."""
+        te = target.group == "te"
+        step = 0 if te else min(self._step, self._total - 1)
+        return self._klora_table(self._total, te)[step][self._klora_slot[index]]
 
     # ------------------------------------------------------------------ the hook
     def _needs_klora(self) -> bool:
@@ -263,30 +307,32 @@ class FuseSession:
             return full_delta_output(self._prepared(index, branch, d, module, x), x, module, y)
 
         if not target.is_shared:
-            return y + (delta(0, target.subject) if target.subject is not None else delta(1, target.style))
+            return _plus(y, delta(0, target.subject) if target.subject is not None else delta(1, target.style))
         mode = self._mode(target)
         if mode == "merge":
-            return y + delta(0, target.subject) + delta(1, target.style)
+            return _plus(_plus(y, delta(0, target.subject)), delta(1, target.style))
 
         slot = self._record_slot.get(index)
         record = self.record if slot is not None else None
         if self.method == "klora":
-            te = target.group == "te"
-            step = 0 if te else min(self._step, self._total - 1)
-            subject = self._klora_table(self._total, te)[step][self._klora_slot[index]]
+            subject = self._klora_pick(index, target)
             if record is not None:
                 record.add_all(self._step, slot, subject, self._row_labels(y.shape[0]))
-            return y + (delta(0, target.subject) if subject else delta(1, target.style))
+            return _plus(y, delta(0, target.subject) if subject else delta(1, target.style))
 
         d_c, d_s = delta(0, target.subject), delta(1, target.style)
-        if not torch.is_grad_enabled():
-            # sampling: the branch outputs F_c, F_s serve both the criterion and the result (same bits as
-            # y + where(keep, d_c, d_s), one full-size pass less)
-            f_c, f_s = y + d_c, y + d_s
-            choose = choose_subject(*output_divergences(self.criterion, y, f_c, f_s, channel_dim(target.subject)))
+        if not torch.is_grad_enabled() and y.dim() >= 2:
+            # sampling: F_c and F_s are written side by side into one buffer, serve the criterion, and each row
+            # is copied out of the branch it keeps (same bits as y + where(keep, d_c, d_s), two passes less)
+            rows = y.shape[0]
+            both = torch.empty((2,) + tuple(y.shape), dtype=y.dtype, device=y.device)
+            f_c, f_s = torch.add(y, d_c, out=both[0]), torch.add(y, d_s, out=both[1])
+            choose = choose_subject(*output_divergences(self.criterion, y, f_c, f_s, channel_dim(target.subject),
+                                                        d_c, d_s))
             if record is not None:
-                record.add_rows(self._step, slot, choose, self._row_labels(y.shape[0]))
-            return torch.where(choose.reshape(-1, *([1] * (y.dim() - 1))), f_c, f_s)
+                record.add_rows(self._step, slot, choose, self._row_labels(rows))
+            kept_rows = torch.arange(rows, device=y.device) + rows * (~choose).long()   # row b of F_c or of F_s
+            return both.view(2 * rows, *y.shape[1:]).index_select(0, kept_rows)
         with torch.no_grad():   # guidance: the choice is a constant, gradients flow through the chosen delta
             div_c, div_s = branch_divergences(self.criterion, y.detach(), d_c.detach(), d_s.detach(),
                                               channel_dim(target.subject))
@@ -297,11 +343,17 @@ class FuseSession:
         return y + torch.where(keep, d_c, d_s)
 
 
+def _plus(y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """y + d; while sampling (no autograd) added into d, the hook's own fresh delta: the same bits, no new tensor."""
+    return y + d if torch.is_grad_enabled() else d.add_(y)
+
+
 def fuse(model: torch.nn.Module, subject, style, method: str = "dynamic", criterion: str = "kl", name_map=None,
          text_encoders=None, **session_kwargs) -> FuseSession:
     """Resolve two `LoraFile`s onto `model` (targets.py) and return an unopened FuseSession (use it with `with`).
 
-    session_kwargs: klora_alpha, klora_beta, klora_scale, te_mode, record. K-LoRA's weight statistics are
+    session_kwargs: klora_alpha, klora_beta, klora_scale, te_mode, record, weight_space (merge/klora baked into
+    the weights while open, see baked.py), backup_device. K-LoRA's weight statistics are
     cached by the files' sha256 and weights. The resolve report is kept as `session.resolved` (its
     `warnings` list partial matches).
     """

@@ -154,3 +154,31 @@ def test_text_encoder_targets(tmp_path, sd15_unet, sd15_text_encoder):
             selected = te(ids).last_hidden_state
         assert not torch.equal(selected, fused) and not torch.equal(selected, base)
         assert torch.equal(te(ids).last_hidden_state, base)
+
+
+@pytest.mark.parametrize("method", ["merge", "klora"])
+def test_weight_space_matches_forward_time_and_leaves_the_unet_as_it_was(case, method):
+    """Baked (weight_space=True): merge equals both LoRAs merged by hand (LoCon and CP convs included), K-LoRA
+    equals its forward-time form step by step; afterwards every parameter has its old bits and no hook is left."""
+    unet, inputs, files = case["unet64"], case["inputs64"], case["files"]
+    before = {name: p.detach().clone() for name, p in unet.named_parameters()}
+    steps = 3
+    outputs = {}
+    for baked in (False, True):
+        with fuse(unet, files["subject"], files["style"], method=method, weight_space=baked) as session:
+            outputs[baked] = []
+            for i in range(steps):
+                session.set_step(i, steps)
+                outputs[baked].append(unet_forward(unet, inputs))
+        if method == "klora":
+            outputs[f"selection_{baked}"] = session.selection
+    for hooked, baked in zip(outputs[False], outputs[True]):
+        torch.testing.assert_close(baked, hooked, **TOL)
+    if method == "merge":
+        merged = _merged(case["unet"], case["written"]["subject"], case["written"]["style"])
+        torch.testing.assert_close(outputs[True][0], unet_forward(merged, inputs), **TOL)
+    else:
+        assert torch.equal(outputs["selection_True"], outputs["selection_False"])
+    assert all(torch.equal(p, before[name]) for name, p in unet.named_parameters())
+    assert all(not m._forward_hooks for m in unet.modules())
+    assert torch.equal(unet_forward(unet, inputs), case["base64"])

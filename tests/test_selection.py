@@ -90,7 +90,7 @@ def test_kl_and_js_match_loop_reference(layout):
     base, hat = _pair(shape)
     cdim = 1 if conv else -1
     logp, logp_hat = sel.channel_log_probs(base, cdim), sel.channel_log_probs(hat, cdim)
-    kl = sel.kl_per_row(logp_hat, logp)
+    kl = sel.kl_from_delta_per_row(hat, hat - base, sel.channel_logsumexp(base, cdim), cdim)
     js = sel.js_per_row(logp_hat, logp)
     assert kl.shape == js.shape == (shape[0],)
     torch.testing.assert_close(kl.double(), torch.tensor(_ref_kl(hat, base, conv), dtype=torch.float64),
@@ -98,8 +98,14 @@ def test_kl_and_js_match_loop_reference(layout):
     torch.testing.assert_close(js.double(), torch.tensor(_ref_js(hat, base, conv), dtype=torch.float64),
                                rtol=1e-5, atol=1e-7)
     # KL is asymmetric, JS symmetric (both use the same per-token distributions)
-    assert not torch.allclose(sel.kl_per_row(logp, logp_hat), kl, rtol=1e-3)
+    kl_back = sel.kl_from_delta_per_row(base, base - hat, sel.channel_logsumexp(hat, cdim), cdim)
+    torch.testing.assert_close(kl_back.double(), torch.tensor(_ref_kl(base, hat, conv), dtype=torch.float64),
+                               rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(kl_back, kl, rtol=1e-3)
     torch.testing.assert_close(sel.js_per_row(logp, logp_hat), js, rtol=1e-6, atol=1e-8)
+    # the criterion entry point gives the same KL from the deltas the hooks hold
+    d_c, _ = sel.branch_divergences("kl", base, hat - base, torch.zeros_like(base), cdim)
+    torch.testing.assert_close(d_c, kl, rtol=1e-6, atol=1e-8)
 
 
 def test_conv_tokens_are_pixels_and_channels_are_dim1():
@@ -279,3 +285,16 @@ def test_schedule_progress_override_for_text_encoders():
     s_c, s_s = _random_sums(5, seed=9)
     first_row = sel.klora_schedule(s_c, s_s, 1.0, 10, 1.5, 0.5, "linear")[0]
     assert torch.equal(sel.klora_schedule(s_c, s_s, 1.0, 10, 1.5, 0.5, "linear", progress=[0.0])[0], first_row)
+
+
+@pytest.mark.parametrize("layout", sorted(FEATURES))
+def test_kl_from_deltas_is_stable_for_large_features(layout):
+    """Features of magnitude ~100 (deep UNet layers): no overflow, still the loop reference."""
+    shape, conv = FEATURES[layout]
+    base, hat = _pair(shape, seed=5)
+    base, hat = 80.0 * base, 80.0 * base + 3.0 * (hat - base)
+    cdim = 1 if conv else -1
+    kl = sel.kl_from_delta_per_row(hat, hat - base, sel.channel_logsumexp(base, cdim), cdim)
+    assert torch.isfinite(kl).all()
+    torch.testing.assert_close(kl.double(), torch.tensor(_ref_kl(hat, base, conv), dtype=torch.float64),
+                               rtol=1e-4, atol=1e-4)

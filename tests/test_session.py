@@ -138,6 +138,35 @@ def test_dynamic_conv_layer_per_row():
     assert torch.equal(got, base + _ref_delta(dc, x, conv))
 
 
+@pytest.mark.parametrize("criterion", ["kl", "js", "cosine", "dot"])
+def test_sampling_path_copies_each_row_from_its_branch(criterion):
+    """No autograd (sampling): rows picked from F_c / F_s equal y + where(keep, dF_c, dF_s) bit for bit, for a
+    conv and a linear layer with rows going both ways in one batch."""
+    from lib_dynfuse.selection import branch_divergences, choose_subject
+    g = _g(9)
+    # the subject reads input channel 0, the style channel 2; even rows live on channel 0, odd rows on channel 2
+    pick_c, pick_s = torch.zeros(2, 3), torch.zeros(2, 3)
+    pick_c[:, 0], pick_s[:, 2] = 2.0, 2.0
+    up_c, up_s = torch.randn(4, 2, generator=g), torch.randn(4, 2, generator=g)
+    rows = torch.tensor([[1.0, 0.1, 0.1], [0.1, 0.1, 1.0]]).repeat(3, 1)          # [6, 3]
+    conv, lin = torch.nn.Conv2d(3, 4, 1).eval(), torch.nn.Linear(3, 4).eval()
+    cases = [(conv, LayerDelta(down=pick_c[..., None, None], up=up_c[..., None, None], scale=1.5),
+              LayerDelta(down=pick_s[..., None, None], up=up_s[..., None, None]),
+              rows[:, :, None, None] * _x(6, 3, 4, 4).abs(), 1),
+             (lin, LayerDelta(down=pick_c, up=up_c, scale=1.5), LayerDelta(down=pick_s, up=up_s),
+              rows[:, None, :] * _x(6, 5, 3).abs(), -1)]
+    for module, dc, ds, x, cdim in cases:
+        with torch.no_grad():
+            y = module(x)
+            ref_c, ref_s = _ref_delta(dc, x, module), _ref_delta(ds, x, module)
+            keep = choose_subject(*branch_divergences(criterion, y, ref_c, ref_s, cdim))
+            with FuseSession([FuseTarget("m", module, dc, ds)], criterion=criterion):
+                got = module(x)
+        if criterion in ("kl", "js"):   # the distribution criteria see which channel each row lives on
+            assert keep.tolist() == [True, False] * 3, criterion
+        assert torch.equal(got, y + torch.where(keep.reshape(-1, *([1] * (y.dim() - 1))), ref_c, ref_s))
+
+
 @pytest.mark.parametrize("criterion", ["kl", "js", "cosine"])
 def test_ties_and_zero_loras(criterion):
     lin = _linear(0)

@@ -1,0 +1,95 @@
+"""Weight-space application for the input-independent methods (`merge`, `klora`): W += dW, restored bit-exactly.
+
+A forward-time delta costs r * (in + out) multiply-adds per token per LoRA: for two rank-64 LoRAs on an
+SD1.5-shaped UNet at a 32x32 latent that is 13.5% more matmul FLOPs than the base call (bench/flops.py), more
+than K-LoRA's and the merge's whole speed budget. Neither method depends on the input, so outside autograd
+the same output can be baked into the weights once: W' = W + dW_c + dW_s (merge) or W + the delta the step's
+K-LoRA schedule keeps, and each call then costs what the merged floor costs. The originals are copied to
+`backup_device` (the CPU by default, as the WebUI's own LoRA code keeps its backups, so no accelerator memory
+is spent) and copied back by `restore()`; copy_ of the saved bits makes the model exactly as before.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import mha
+from .layer_delta import FuseTarget, LayerDelta
+
+
+def target_weight(target: FuseTarget) -> torch.Tensor:
+    """The weight tensor a target's deltas change (the module's weight, or its MultiheadAttention part's rows)."""
+    if target.part is not None:
+        return mha.part_weight(target.module, target.part)
+    weight = getattr(target.module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"DynFuse: layer {target.name!r} has no weight tensor to bake a delta into")
+    return weight
+
+
+def dense_delta(delta: LayerDelta, weight: torch.Tensor) -> Tuple[torch.Tensor, slice]:
+    """(dW in the weight's dtype and device, the output rows it covers): the full delta, computed in float32
+    (float64 for a float64 weight)."""
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    dw = delta.to(device=weight.device, dtype=compute).dense_weight()
+    rows = slice(None) if delta.out_slice is None else slice(delta.out_slice[0], delta.out_slice[0] + delta.out_slice[1])
+    if dw.numel() != weight[rows].numel():
+        raise ValueError(f"DynFuse: a delta of shape {tuple(dw.shape)} does not fit a weight of shape "
+                         f"{tuple(weight[rows].shape)}")
+    return dw.reshape(weight[rows].shape).to(weight.dtype), rows
+
+
+class BakedWeights:
+    """The weights of some targets with deltas added in place; `bake(i, deltas)` changes one, `restore()` undoes all."""
+
+    def __init__(self, targets: Sequence[FuseTarget], backup_device="cpu"):
+        self.targets = list(targets)
+        self.backup_device = backup_device
+        self._backups: Dict[int, torch.Tensor] = {}
+        self._baked: Dict[int, Tuple[int, ...]] = {}     # target index -> ids of the deltas in its weight now
+
+    def bake(self, index: int, deltas: Sequence[LayerDelta]) -> None:
+        """Make target `index`'s weight W0 + sum(deltas) (W0 = the weight before the first bake); no-op if it is."""
+        key = tuple(id(d) for d in deltas)
+        if self._baked.get(index) == key:
+            return
+        weight = target_weight(self.targets[index])
+        with torch.inference_mode(False), torch.no_grad():
+            if index in self._backups:
+                weight.copy_(self._backups[index])
+            else:
+                self._backups[index] = weight.detach().to(self.backup_device, copy=True)
+            self._baked[index] = ()
+            for d in deltas:
+                dw, rows = dense_delta(d, weight)
+                weight[rows].add_(dw)
+        self._baked[index] = key
+
+    @property
+    def is_empty(self) -> bool:
+        return not self._backups
+
+    def restore(self) -> None:
+        """Copy every saved weight back (all of them even if one fails; the first failure is raised after)."""
+        backups, self._backups, self._baked = self._backups, {}, {}
+        first_error: Optional[BaseException] = None
+        for index, saved in backups.items():
+            try:
+                with torch.inference_mode(False), torch.no_grad():
+                    target_weight(self.targets[index]).copy_(saved)
+            except Exception as e:
+                first_error = first_error or e
+        if first_error is not None:
+            raise first_error
+
+
+def baked_deltas(target: FuseTarget, mode: str, keep_subject: Optional[bool]) -> List[LayerDelta]:
+    """The deltas a target's weight holds: its one LoRA; both for 'merge'; K-LoRA's pick for 'select'; none for 'off'."""
+    if mode == "off":
+        return []
+    if not target.is_shared:
+        return [target.subject if target.subject is not None else target.style]
+    if mode == "merge":
+        return [target.subject, target.style]
+    return [target.subject if keep_subject else target.style]
