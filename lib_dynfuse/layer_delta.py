@@ -70,16 +70,21 @@ class LayerDelta:
         if self.dense is not None:
             # the per-call path (lowrank.prepare_delta) multiplies dense deltas by `scale` too
             return self.dense if self.scale == 1.0 else self.dense * self.scale
-        up = self.up.flatten(1).float()
+        up = _at_least_float32(self.up).flatten(1)
         if self.mid is not None:
             # CP/Tucker: dW[o, i, kh, kw] = sum_{a,b} up[o, a] * mid[a, b, kh, kw] * down[b, i]
-            dw = torch.einsum("oa,abhw,bi->oihw", up, self.mid.float(), self.down.flatten(1).float())
+            dw = torch.einsum("oa,abhw,bi->oihw", up, _at_least_float32(self.mid), _at_least_float32(self.down).flatten(1))
         elif self.down.dim() == 4:
-            down = self.down.float()
+            down = _at_least_float32(self.down)
             dw = (up @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
         else:
-            dw = up @ self.down.float()
+            dw = up @ _at_least_float32(self.down)
         return (dw * self.scale).to(self.up.dtype)
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 when the tensor already is: dW is formed at no less than the factors' precision."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 @dataclass
