@@ -4,7 +4,7 @@ One sampling step = the UNet call on cond + uncond rows, classifier-free guidanc
 - x0 (TAESD / full VAE): then x0-hat <- x0-hat - m grad_x0 R (decoder + CLIP + DINO forward and backward);
 - xt (TAESD): the UNet call itself runs with grad and R's gradient flows back through it to x_t (the paper's
   form); the step uses the x0-hat of that call, so no second UNet forward is made.
-The encoders are the extension's defaults (CLIP ViT-L/14 image tower, DINO ViT-S/16) with random weights;
+The encoders are the extension's defaults (CLIP ViT-B/32 image tower, DINO ViT-S/16) with random weights;
 R is scored against two random reference images.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ class GuidanceModels:
     dino: torch.nn.Module
 
 
-def build_models(clip_arch: str = "ViT-L-14", device="cpu", dtype=torch.float32) -> GuidanceModels:
+def build_models(clip_arch: str = "ViT-B-32", device="cpu", dtype=torch.float32) -> GuidanceModels:
     return GuidanceModels(models.taesd(device=device, dtype=dtype), models.sd_vae(device=device, dtype=dtype),
                           models.clip_image_encoder(clip_arch, device=device, dtype=dtype),
                           models.dino_image_encoder(device=device, dtype=dtype))

@@ -138,7 +138,7 @@ def sd_vae(seed: int = 2, device="cpu", dtype=torch.float32):
     return on_meta_then_filled(lambda: AutoencoderKL(**SD_VAE), seed, device, dtype)
 
 
-def clip_image_encoder(arch: str = "ViT-L-14", seed: int = 3, device="cpu", dtype=torch.float32):
+def clip_image_encoder(arch: str = "ViT-B-32", seed: int = 3, device="cpu", dtype=torch.float32):
     """open_clip's image tower for `arch` wrapped like lib_dynfuse.guidance.load_clip_encoder does."""
     import open_clip
     from lib_dynfuse.guidance import ImageEncoder, identity_head

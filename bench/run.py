@@ -184,7 +184,7 @@ def parse(argv: Optional[Sequence[str]] = None):
     p.add_argument("--tiny", action="store_true",
                    help="code check only: the test fixtures' scaled-down UNet widths instead of the real ones")
     p.add_argument("--convs", action="store_true", help="LoCon: the LoRAs also target the resnet/sampler convs")
-    p.add_argument("--clip", default="ViT-L-14", help="open_clip image tower for the guidance score")
+    p.add_argument("--clip", default="ViT-B-32", help="open_clip image tower for the guidance score (the extension default)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch.set_num_threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", help="float32 (CPU default) or float16 (GPU default)")

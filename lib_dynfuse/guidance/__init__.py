@@ -3,7 +3,7 @@
 Host-independent: torch only at import; open_clip / transformers are imported by the loaders that need them.
 
     from lib_dynfuse.guidance import LatentRefiner, load_clip_encoder, load_dino_encoder, paper_scorer, vae_decoder
-    clip = load_clip_encoder("ViT-L-14", device="cuda")      # local weights only (hub cache, folder or path)
+    clip = load_clip_encoder("ViT-B-32", device="cuda")      # local weights only (hub cache, folder or path)
     dino = load_dino_encoder("dino-vits16", device="cuda")
     scorer = paper_scorer(clip, dino, content=subject_ref, style=style_ref)   # Eq. 16-19, references embedded once
     refiner = LatentRefiner(vae_decoder(pipe.vae), scorer, scale=10.0, grad="x0")   # Eq. 20, m = 10

@@ -120,7 +120,7 @@ def visual_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
 
 
 @outside_inference_mode
-def load_clip_encoder(arch: str = "ViT-L-14", weights: Optional[str] = None, search_dirs: Sequence[str] = (),
+def load_clip_encoder(arch: str = "ViT-B-32", weights: Optional[str] = None, search_dirs: Sequence[str] = (),
                       hub_cache: Optional[str] = None, quick_gelu: Optional[bool] = None,
                       device="cpu", dtype: torch.dtype = torch.float32) -> ImageEncoder:
     """CLIP image encoder (open_clip architecture `arch`) from local weights; the text tower is dropped.

@@ -17,7 +17,7 @@ class EncoderStore:
         self._pair: Optional[Tuple[ImageEncoder, ImageEncoder]] = None
         self._lock = threading.Lock()
 
-    def get(self, clip_arch: str = "ViT-L-14", clip_weights: Optional[str] = None, dino_kind: str = "dino-vits16",
+    def get(self, clip_arch: str = "ViT-B-32", clip_weights: Optional[str] = None, dino_kind: str = "dino-vits16",
             dino_weights: Optional[str] = None, search_dirs: Sequence[str] = (), hub_cache: Optional[str] = None,
             device="cpu", dtype: torch.dtype = torch.float32) -> Tuple[ImageEncoder, ImageEncoder]:
         """(clip, dino); raises GuidanceUnavailable (with what to put where) when weights are missing."""

@@ -34,7 +34,7 @@ log = logging.getLogger("dynfuse")
 
 SECTION = ("dynfuse", "DynFuse")
 OPTIONS = {   # key -> (default, label)
-    "dynfuse_clip_arch": ("ViT-L-14", "DynFuse guidance: CLIP architecture (open_clip name)"),
+    "dynfuse_clip_arch": ("ViT-B-32", "DynFuse guidance: CLIP architecture (open_clip name; ViT-L-14 scores finer, at ~18x the cost)"),
     "dynfuse_clip_weights": ("", "DynFuse guidance: CLIP weights file or folder (empty: models/dynfuse, then the hub cache)"),
     "dynfuse_dino_kind": ("dino-vits16", "DynFuse guidance: DINO model (dino-vits16, dino-vitb16, dinov2-small, dinov2-base)"),
     "dynfuse_dino_weights": ("", "DynFuse guidance: DINO weights file or folder (empty: models/dynfuse, then the hub cache)"),
