@@ -323,3 +323,37 @@ def test_functional_mode_fuses_on_clean_weights_after_a_merge_mode_lora_job(tmp_
         finally:
             shared.opts.lora_functional = False
     assert torch.equal(p_after.c, p_clean.c) and torch.equal(p_after.samples[0], p_clean.samples[0])
+
+
+@pytest.mark.parametrize("method", ["merge", "klora"])
+def test_merge_and_klora_are_baked_into_the_weights_on_top_of_other_loras(env, plain, method):
+    """merge/klora bake their deltas after the builtin merged `<lora:other>` (its state synced first), so no
+    hook runs during sampling; the result equals the forward-time hooks of functional mode; afterwards the
+    weights are exactly what the builtin's own `<lora:other>` job leaves, and later jobs are unchanged."""
+    from modules import shared
+    p_other, _ = run(env, prompt=PROMPT + " <lora:other:1>", steps=3)
+    other_state = env.state_snapshot()
+    hooked_layers = []
+    env.callbacks.on_cfg_denoiser(lambda params: hooked_layers.append(
+        sum(1 for m in env.unet.modules() if getattr(m, "network_layer_name", None) and m._forward_hooks)))
+    try:
+        p_baked, _ = run(env, prompt=PROMPT + " <lora:other:1>", steps=3, **fused(method=method))
+        assert hooked_layers and all(n == 0 for n in hooked_layers)      # weights, not hooks
+        after_baked = env.state_snapshot()
+        hooked_layers.clear()
+        shared.opts.lora_functional = True
+        try:
+            p_hooked, _ = run(env, prompt=PROMPT + " <lora:other:1>", steps=3, **fused(method=method))
+        finally:
+            shared.opts.lora_functional = False
+        assert hooked_layers and all(n > 0 for n in hooked_layers)         # functional mode: forward-time hooks
+    finally:
+        env.callbacks.callbacks["cfg_denoiser"].pop()
+    assert close(p_baked.samples[0], p_hooked.samples[0])
+    assert not close(p_baked.samples[0], p_other.samples[0])
+    assert other_state.keys() == after_baked.keys()
+    assert all(torch.equal(other_state[k], after_baked[k]) for k in other_state)
+    p_other_again, _ = run(env, prompt=PROMPT + " <lora:other:1>", steps=3)
+    assert torch.equal(p_other.samples[0], p_other_again.samples[0])
+    p_plain, _ = run(env)
+    assert torch.equal(p_plain.samples[0], plain[0].samples[0])

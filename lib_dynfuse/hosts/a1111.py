@@ -184,6 +184,12 @@ class A1111Host(common.WebUIHost):
         nets.loaded_networks[:] = keep   # the builtin re-merges each layer from its backup on the next forward
         return removed
 
+    def bakes_weights(self) -> bool:
+        """merge/klora go into the weights (baked.py) unless the builtin runs functionally: its network_forward
+        copies its own backups into the weights on every call (networks.py:545-569), which would undo ours."""
+        from modules import shared
+        return not getattr(shared.opts, "lora_functional", False)
+
     def sync_builtin(self, modules: Sequence[torch.nn.Module]) -> None:
         """Bring the fused layers' weights to what the builtin wants now, under no_grad (it restores with copy_,
         see real-host-facts). Also in functional mode: there `network_forward` skips its restore when no
@@ -207,20 +213,20 @@ class A1111Host(common.WebUIHost):
                 setattr(p, cache, [None, None])
         setup_conds, sample = p.setup_conds, p.sample
 
+        def sync(targets):
+            self.sync_builtin([t.module for t in targets])
+
         def setup_conds_fused(*args, **kwargs):
-            with run.scope(p, "te") as session:
+            with run.scope(p, "te", before_open=sync):
                 self._publish(p, run)
-                if session is not None:
-                    self.sync_builtin([t.module for t in session_targets(session)])
                 return setup_conds(*args, **kwargs)
 
         def sample_fused(*args, **kwargs):
-            with run.scope(p, "unet") as session:
+            with run.scope(p, "unet", before_open=sync) as session:
                 self._publish(p, run)
                 if session is None:
                     return sample(*args, **kwargs)
                 unet = p.sd_model.model.diffusion_model
-                self.sync_builtin([t.module for t in session_targets(session)])
                 handle = unet.register_forward_pre_hook(functools.partial(_label_rows, run))
                 try:
                     return sample(*args, **kwargs)

@@ -43,7 +43,7 @@ import contextlib
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
@@ -411,7 +411,10 @@ class FuseRun:
         """One FuseSession per (settings, group) for the whole generation, so its record spans every scope."""
         from ..session import FuseSession  # the engine; imported here so hosts load without it
         a = self.args
-        key = (self._key(), a.method, a.criterion, a.klora_alpha, a.klora_beta, a.klora_scale, group)
+        # merge and K-LoRA do not depend on the input: baked into the weights they cost nothing per call,
+        # where the host's own weight handling allows it (baked.py)
+        bake = a.method in ("klora", "merge") and bool(getattr(self.host, "bakes_weights", lambda: False)())
+        key = (self._key(), a.method, a.criterion, a.klora_alpha, a.klora_beta, a.klora_scale, group, bake)
         session = self._session_cache.get(key)
         if session is None:
             klora_key = None
@@ -419,13 +422,16 @@ class FuseRun:
                 klora_key = (self.hashes["subject"], a.subject_weight, self.hashes["style"], a.style_weight)
             session = FuseSession(targets, method=a.method, criterion=a.criterion, klora_alpha=a.klora_alpha,
                                   klora_beta=a.klora_beta, klora_scale=a.klora_scale, record=(group == "unet"),
-                                  te_mode=a.text_encoder, klora_key=klora_key)
+                                  te_mode=a.text_encoder, klora_key=klora_key, weight_space=bake)
             self._session_cache[key] = session
         return session
 
     @contextlib.contextmanager
-    def scope(self, p: Any, group: str) -> Iterator[Optional[Any]]:
-        """Hooks on the layers of `group` for the duration of the block; removed whatever happens."""
+    def scope(self, p: Any, group: str,
+              before_open: Optional[Callable[[Sequence[FuseTarget]], None]] = None) -> Iterator[Optional[Any]]:
+        """Hooks (or baked weights) on the layers of `group` for the duration of the block; removed whatever
+        happens. `before_open(targets)` runs first: the host settles its own state of those layers there, before
+        a baked session saves and changes their weights."""
         targets = self.prepare(p)
         if not targets:
             yield None
@@ -440,6 +446,8 @@ class FuseRun:
             yield session
             return
         session.set_step(*((0, 1) if group == "te" else self.step))
+        if before_open is not None:
+            before_open(chosen)
         self._active.append(session)
         try:
             with session:
