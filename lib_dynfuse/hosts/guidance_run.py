@@ -2,9 +2,11 @@
 
 Host-independent; a host supplies a small `GuidanceHost` (a1111_guidance.py, forge_guidance.py). One generation:
 
-    begin(host, p)                  Script.process (outside no_grad / inference_mode): load encoders, then the
-                                    subject and style references (given images, the cache, or nested renders
-                                    through a FuseSession holding only that LoRA's deltas), build the refiner
+    begin(host, p)                  Script.process (outside no_grad / inference_mode; common.begin has applied
+                                    the first batch's tag, so `g=1` alone turns it on): load encoders, count the
+                                    renders as jobs, then the subject and style references (given images, the
+                                    cache, or nested renders through a FuseSession holding only that LoRA's
+                                    deltas), build the refiner
     before_every_sampling(host, p)  after the host made its sampler: hooks on the CFG denoiser of this pass
     finish(host, p, processed)      Script.postprocess: hooks gone, a summary in the infotext, references shown
 
@@ -13,7 +15,8 @@ The correction sits on the CFG denoiser module (an nn.Module in both hosts, call
 - "x0" gradient: a forward hook moves the returned prediction, x0-hat (k-diffusion samplers) or eps (DDIM/PLMS/
   UniPC: eps -> x0-hat -> corrected x0 -> eps, conversions exact);
 - "xt" gradient: a forward pre-hook differentiates R through one more denoiser forward and moves the sampler's
-  own x_t in place (Eq. 20).
+  own x_t in place (Eq. 20); a host whose weights cannot be differentiated (Forge) routes that one call to
+  private state (`differentiable`), and a failing backward switches the run to "x0" with a message.
 When anything needed is missing the generation goes on without guidance and the run's report says why.
 """
 from __future__ import annotations
