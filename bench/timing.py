@@ -29,12 +29,19 @@ class Case:
 class Timings:
     seconds: Dict[str, List[float]] = field(default_factory=dict)
     ratios: Dict[str, List[float]] = field(default_factory=dict)
+    cpu_ratios: Dict[str, List[float]] = field(default_factory=dict)   # the same from process CPU seconds
 
     def median(self, name: str) -> float:
         return statistics.median(self.seconds[name])
 
     def ratio(self, name: str) -> Optional[float]:
         r = self.ratios.get(name)
+        return statistics.median(r) if r else None
+
+    def cpu_ratio(self, name: str) -> Optional[float]:
+        """Median per-round ratio of process CPU seconds: what a call costs in work, whatever else the
+        machine runs (wall-clock ratios absorb other processes' load; CPU-time ratios mostly do not)."""
+        r = self.cpu_ratios.get(name)
         return statistics.median(r) if r else None
 
     def spread(self, name: str) -> float:
@@ -49,11 +56,16 @@ def synchronize(device) -> None:
 
 
 def timed(fn: Callable[[], None], device="cpu") -> float:
+    return timed_both(fn, device)[0]
+
+
+def timed_both(fn: Callable[[], None], device="cpu"):
+    """(wall seconds, process CPU seconds) of fn()."""
     synchronize(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     synchronize(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def interleaved(cases: List[Case], rounds: int, warmup: int = 0, device="cpu",
@@ -66,14 +78,18 @@ def interleaved(cases: List[Case], rounds: int, warmup: int = 0, device="cpu",
     for r in range(-warmup, rounds):
         order = cases[r % len(cases):] + cases[:r % len(cases)] if r >= 0 else cases
         this_round: Dict[str, float] = {}
+        this_cpu: Dict[str, float] = {}
         for case in order:
             with case.scope():
-                this_round[case.name] = timed(lambda: case.call(max(r, 0)), device)
-            log(f"  {'warm-up' if r < 0 else f'round {r + 1}/{rounds}'} {case.name}: {this_round[case.name]:.2f} s")
+                this_round[case.name], this_cpu[case.name] = timed_both(lambda: case.call(max(r, 0)), device)
+            log(f"  {'warm-up' if r < 0 else f'round {r + 1}/{rounds}'} {case.name}: {this_round[case.name]:.2f} s "
+                f"(CPU {this_cpu[case.name]:.2f} s)")
         if r < 0:
             continue
         for case in cases:
             out.seconds[case.name].append(this_round[case.name])
             if case.floor is not None:
                 out.ratios.setdefault(case.name, []).append(this_round[case.name] / this_round[case.floor])
+                if this_cpu[case.floor] > 0:
+                    out.cpu_ratios.setdefault(case.name, []).append(this_cpu[case.name] / this_cpu[case.floor])
     return out
