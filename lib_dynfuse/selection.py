@@ -42,7 +42,9 @@ def channel_log_probs(feature: torch.Tensor, channel_dim: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- criteria (one value per row)
 def softmax_parts(feature: torch.Tensor, channel_dim: int):
     """(exp(F - max), its sum, LSE) over channels per token, float32, channels kept as size 1 (dynamic fusion Eq. 11-12)."""
-    f = feature.float()
+    # one memory layout for every input: equal features must reduce in the same order to the same bits (a
+    # zero delta then diverges by exactly 0, even when the layer's output is channels_last)
+    f = feature.float().contiguous()
     top = f.amax(channel_dim, keepdim=True)
     unnormalised = (f - top).exp_()
     total = unnormalised.sum(channel_dim, keepdim=True)
@@ -64,7 +66,7 @@ def kl_from_delta_per_row(f_hat: torch.Tensor, delta: torch.Tensor, lse_base: to
     F_hat is then F bit for bit, so both LSEs come from the same bits.
     """
     unnormalised, total, lse_hat = softmax_parts(f_hat, channel_dim)
-    mean_delta = unnormalised.mul_(delta.float()).sum(channel_dim, keepdim=True).div_(total)   # E_p_hat[dF]
+    mean_delta = unnormalised.mul_(delta.float().contiguous()).sum(channel_dim, keepdim=True).div_(total)  # E_p_hat[dF]
     kl = mean_delta.sub_(lse_hat - lse_base)
     # KL >= 0; rounding can give -1e-9 for a tiny delta, which must not lose a tie against a zero delta.
     return kl.reshape(kl.shape[0], -1).mean(1).clamp_min(0.0)

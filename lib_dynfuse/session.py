@@ -18,6 +18,8 @@ need no host sync (the dynamic choice is a `torch.where`; K-LoRA's is a precompu
 under no_grad, inference_mode and enable_grad (gradients flow through the kept branch to the input).
 Hooks are removed by `close()` / `__exit__` in `finally`, on exceptions and KeyboardInterrupt alike; no module is
 swapped and no torch class is patched, so afterwards the model computes bit-identically to before.
+With `weight_space=True` the deltas that do not depend on the input (merge, K-LoRA's pick of the step, a layer
+one LoRA touches) are added into the weights instead (baked.py) and copied back from a saved copy on close.
 Targets with a `part` (q/k/v/out of one nn.MultiheadAttention) share one hook on that MHA (mha.py), which
 recomputes the attention with each part fused by the same rule; records and K-LoRA slots stay per part.
 """
@@ -72,9 +74,6 @@ class FuseSession:
                     raise ValueError(f"DynFuse: target {t.name!r} cannot be fused: {problem}")
         if len({(id(t.module), t.part) for t in self.targets}) != len(self.targets):
             raise ValueError("DynFuse: two targets share one module; give each layer one FuseTarget")
-        if weight_space and method == "dynamic":
-            raise ValueError("DynFuse: weight_space needs method 'merge' or 'klora'; 'dynamic' chooses per input, "
-                             "which only forward-time deltas can do")
         self.method, self.criterion, self.te_mode = method, criterion, te_mode
         self.weight_space, self.backup_device = bool(weight_space), backup_device
         self._baked = None
@@ -112,22 +111,18 @@ class FuseSession:
         self.close()
 
     def open(self) -> "FuseSession":
-        """Register one forward hook per target (undone completely if any registration fails)."""
+        """Bake the input-independent targets (weight_space) and register one forward hook per other target
+        (undone completely if anything fails)."""
         if self.is_open:
             raise RuntimeError("DynFuse: this FuseSession is already open")
-        if self.weight_space:
-            from .baked import BakedWeights
-            self._baked = BakedWeights(self.targets, self.backup_device)
-            try:
-                self._bake_step()
-            except BaseException:
-                self.close()
-                raise
-            return self
         try:
+            if self.weight_space:
+                from .baked import BakedWeights
+                self._baked = BakedWeights(self.targets, self.backup_device)
+                self._bake_step()
             mha_parts: Dict[int, Dict[str, int]] = {}
             for i, t in enumerate(self.targets):
-                if self._mode(t) == "off":
+                if self._mode(t) == "off" or self._is_baked(t):
                     continue
                 if t.part is not None:
                     mha_parts.setdefault(id(t.module), {})[t.part] = i
@@ -231,6 +226,8 @@ class FuseSession:
         """Bake every target's deltas for the current step (K-LoRA re-bakes only the layers whose pick changed)."""
         from .baked import baked_deltas
         for i, t in enumerate(self.targets):
+            if not self._is_baked(t):
+                continue
             mode = self._mode(t)
             keep_subject = None
             if t.is_shared and mode == "select":
@@ -240,6 +237,14 @@ class FuseSession:
                     # one decision per step for every row (no calls are seen in weight space)
                     self.record.add_all(self._step, slot, keep_subject, self._labels or ["cond"])
             self._baked.bake(i, baked_deltas(t, mode, keep_subject))
+
+    def _is_baked(self, target: FuseTarget) -> bool:
+        """weight_space: every target whose delta does not depend on the input (a layer one LoRA touches, a
+        merged layer, K-LoRA's pick); dynamic selection on a shared layer stays a forward hook."""
+        mode = self._mode(target)
+        if not self.weight_space or mode == "off":
+            return False
+        return not target.is_shared or mode == "merge" or self.method == "klora"
 
     def _klora_pick(self, index: int, target: FuseTarget) -> bool:
         """K-LoRA's choice for a shared target at the current step (text encoders: progress 0)."""
@@ -321,9 +326,11 @@ class FuseSession:
             return _plus(y, delta(0, target.subject) if subject else delta(1, target.style))
 
         d_c, d_s = delta(0, target.subject), delta(1, target.style)
-        if not torch.is_grad_enabled() and y.dim() >= 2:
+        if not torch.is_grad_enabled() and y.dim() >= 2 and y.is_contiguous():
             # sampling: F_c and F_s are written side by side into one buffer, serve the criterion, and each row
-            # is copied out of the branch it keeps (same bits as y + where(keep, d_c, d_s), two passes less)
+            # is copied out of the branch it keeps (same bits as y + where(keep, d_c, d_s), two passes less).
+            # Only for a contiguous y: the buffer's layout is the standard one, and a layer whose output has
+            # another (a conv in channels_last) must keep it, or later layers round differently.
             rows = y.shape[0]
             both = torch.empty((2,) + tuple(y.shape), dtype=y.dtype, device=y.device)
             f_c, f_s = torch.add(y, d_c, out=both[0]), torch.add(y, d_s, out=both[1])
@@ -333,6 +340,13 @@ class FuseSession:
                 record.add_rows(self._step, slot, choose, self._row_labels(rows))
             kept_rows = torch.arange(rows, device=y.device) + rows * (~choose).long()   # row b of F_c or of F_s
             return both.view(2 * rows, *y.shape[1:]).index_select(0, kept_rows)
+        if not torch.is_grad_enabled():
+            f_c, f_s = y + d_c, y + d_s     # in y's own layout
+            choose = choose_subject(*output_divergences(self.criterion, y, f_c, f_s, channel_dim(target.subject),
+                                                        d_c, d_s))
+            if record is not None:
+                record.add_rows(self._step, slot, choose, self._row_labels(y.shape[0]))
+            return torch.where(choose.reshape(-1, *([1] * (y.dim() - 1))), f_c, f_s)
         with torch.no_grad():   # guidance: the choice is a constant, gradients flow through the chosen delta
             div_c, div_s = branch_divergences(self.criterion, y.detach(), d_c.detach(), d_s.detach(),
                                               channel_dim(target.subject))
@@ -344,16 +358,20 @@ class FuseSession:
 
 
 def _plus(y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """y + d; while sampling (no autograd) added into d, the hook's own fresh delta: the same bits, no new tensor."""
-    return y + d if torch.is_grad_enabled() else d.add_(y)
+    """y + d; while sampling (no autograd) added into d, the hook's own fresh delta, when d has y's layout: the
+    same bits and the same memory format as y + d, without a new tensor."""
+    if torch.is_grad_enabled() or d.stride() != y.stride() or d.shape != y.shape:
+        return y + d
+    return d.add_(y)
 
 
 def fuse(model: torch.nn.Module, subject, style, method: str = "dynamic", criterion: str = "kl", name_map=None,
          text_encoders=None, **session_kwargs) -> FuseSession:
     """Resolve two `LoraFile`s onto `model` (targets.py) and return an unopened FuseSession (use it with `with`).
 
-    session_kwargs: klora_alpha, klora_beta, klora_scale, te_mode, record, weight_space (merge/klora baked into
-    the weights while open, see baked.py), backup_device. K-LoRA's weight statistics are
+    session_kwargs: klora_alpha, klora_beta, klora_scale, te_mode, record, weight_space (while open, every delta
+    that does not depend on the input is baked into the weights: merge, K-LoRA's pick, layers one LoRA touches;
+    see baked.py), backup_device. K-LoRA's weight statistics are
     cached by the files' sha256 and weights. The resolve report is kept as `session.resolved` (its
     `warnings` list partial matches).
     """

@@ -131,9 +131,22 @@ def test_weights_come_back_after_errors_interrupts_and_under_inference_mode():
     assert _unchanged(snap) and lin.weight is weight_object and not lin.weight.is_inference()
 
 
-def test_dynamic_cannot_be_baked():
-    lin = _linear(0)
-    dc, ds = _linear_delta(8, 6, 2, 10), _linear_delta(8, 6, 2, 11)
-    with pytest.raises(ValueError, match="weight_space needs method"):
-        FuseSession([FuseTarget("l", lin, dc, ds)], method="dynamic", weight_space=True)
-    assert len(lin._forward_hooks) == 0
+@pytest.mark.parametrize("criterion", ["kl", "cosine"])
+def test_dynamic_bakes_the_layers_one_lora_touches_and_hooks_the_shared_ones(criterion):
+    shared, only_subject = _linear(0), _linear(1)
+    dc, ds, d_only = _linear_delta(8, 6, 2, 10, 2.0), _linear_delta(8, 6, 2, 11), _linear_delta(8, 6, 3, 12)
+    targets = [FuseTarget("shared", shared, dc, ds), FuseTarget("only", only_subject, subject=d_only)]
+    x = _x(3, 4, 6)
+    snap = _snapshot([shared, only_subject])
+    w_only = only_subject.weight.detach().clone()
+    with torch.no_grad():
+        with FuseSession(targets, criterion=criterion) as hooked:
+            ref_shared, ref_only = shared(x), only_subject(x)
+        with FuseSession(targets, criterion=criterion, weight_space=True) as baked:
+            assert len(shared._forward_hooks) == 1 and len(only_subject._forward_hooks) == 0
+            assert torch.equal(only_subject.weight, w_only + _dense(d_only))
+            got_shared, got_only = shared(x), only_subject(x)
+    assert torch.equal(got_shared, ref_shared)       # the shared layer is the same hook, bit for bit
+    torch.testing.assert_close(got_only, ref_only, rtol=1e-5, atol=1e-5)
+    assert torch.equal(baked.selection, hooked.selection)
+    assert _unchanged(snap) and not shared._forward_hooks

@@ -298,3 +298,13 @@ def test_kl_from_deltas_is_stable_for_large_features(layout):
     assert torch.isfinite(kl).all()
     torch.testing.assert_close(kl.double(), torch.tensor(_ref_kl(hat, base, conv), dtype=torch.float64),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_zero_delta_is_exactly_zero_kl_for_channels_last_features():
+    """A conv output in channels_last (as hosts may produce) and its copy in the standard layout: equal
+    values must give equal LSEs, so a zero delta diverges by exactly 0 and cannot win a tie."""
+    base, _ = _pair((2, 8, 5, 5), seed=7)
+    channels_last = base.to(memory_format=torch.channels_last)
+    zero = torch.zeros_like(base)
+    d_c, d_s = sel.output_divergences("kl", channels_last, base + zero, base.clone(), 1, zero, zero)
+    assert torch.equal(d_c, torch.zeros(2)) and torch.equal(d_s, torch.zeros(2))

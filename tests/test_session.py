@@ -495,3 +495,20 @@ def test_klora_gamma_comes_from_the_unet_layers():
     assert torch.equal(both.klora_sums.gamma, unet_only.klora_sums.gamma)
     te_by_hand = 5.0 * (dc_te.up @ dc_te.down).abs().double().sum() / (0.1 * (ds_te.up @ ds_te.down).abs().double().sum())
     assert te_only.klora_sums.gamma.item() == pytest.approx(te_by_hand.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["dynamic", "klora", "merge"])
+def test_channels_last_outputs_keep_their_layout(method):
+    """A host's conv output in channels_last must come back in channels_last: the next layers round by layout
+    (seen in a real WebUI as 1/255 differences against its own LoRA)."""
+    conv, single = torch.nn.Conv2d(3, 4, 1).eval(), torch.nn.Conv2d(3, 4, 1).eval()
+    dc, ds = _conv_delta(4, 3, 1, 2, 5, scale=2.0), _conv_delta(4, 3, 1, 2, 6)
+    x = _x(2, 3, 5, 5).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y, y_single = conv(x), single(x)
+        assert not y.is_contiguous()
+        with FuseSession([FuseTarget("c", conv, dc, ds), FuseTarget("s", single, subject=dc)], method=method):
+            got, got_single = conv(x), single(x)
+        ref_single = y_single + _ref_delta(dc, x, single)
+    assert got.stride() == y.stride() and got_single.stride() == ref_single.stride()
+    assert torch.equal(got_single, ref_single)

@@ -185,7 +185,7 @@ class A1111Host(common.WebUIHost):
         return removed
 
     def bakes_weights(self) -> bool:
-        """merge/klora go into the weights (baked.py) unless the builtin runs functionally: its network_forward
+        """Input-independent deltas go into the weights (baked.py) unless the builtin runs functionally: its network_forward
         copies its own backups into the weights on every call (networks.py:545-569), which would undo ours."""
         from modules import shared
         return not getattr(shared.opts, "lora_functional", False)

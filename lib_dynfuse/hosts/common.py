@@ -411,9 +411,9 @@ class FuseRun:
         """One FuseSession per (settings, group) for the whole generation, so its record spans every scope."""
         from ..session import FuseSession  # the engine; imported here so hosts load without it
         a = self.args
-        # merge and K-LoRA do not depend on the input: baked into the weights they cost nothing per call,
-        # where the host's own weight handling allows it (baked.py)
-        bake = a.method in ("klora", "merge") and bool(getattr(self.host, "bakes_weights", lambda: False)())
+        # deltas that do not depend on the input (merge, K-LoRA's pick, layers one LoRA touches) cost nothing
+        # per call once baked into the weights, where the host's own weight handling allows it (baked.py)
+        bake = bool(getattr(self.host, "bakes_weights", lambda: False)())
         key = (self._key(), a.method, a.criterion, a.klora_alpha, a.klora_beta, a.klora_scale, group, bake)
         session = self._session_cache.get(key)
         if session is None:
