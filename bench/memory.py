@@ -139,6 +139,7 @@ def measure(spec: Dict, isolate: bool = False) -> Dict[str, Dict[str, int]]:
         if isolate:  # each child replays "merged" for its steps only when it needs the merged weights
             group = (["merged"] if group[0].startswith("step_") else []) + group
         env = dict(os.environ, **MALLOC_ENV)
+        env.pop("GLIBC_TUNABLES", None)   # run.py's keep-the-heap setting would hide every freed block here
         proc = subprocess.run([sys.executable, "-m", "bench.memory", json.dumps(dict(spec, configs=group))],
                               cwd=root, env=env, stdout=subprocess.PIPE, text=True)
         if proc.returncode != 0:
