@@ -66,7 +66,7 @@ class Plan:
 
 
 def quick_plan() -> Plan:
-    return Plan(shapes=[("sd15", 32)], ranks=[64], criteria_ranks=[64], main_rank=64, rounds=5, heavy_rounds=1,
+    return Plan(shapes=[("sd15", 32)], ranks=[64], criteria_ranks=[64], main_rank=64, rounds=4, heavy_rounds=1,
                 warmup=0, reference_steps=1,
                 memory_configs=["dynamic_kl", "klora", "merge", "klora_baked", "merge_baked", "merged", "step_off",
                                 "step_x0_taesd"])
@@ -178,7 +178,7 @@ def parse(argv: Optional[Sequence[str]] = None):
     mode.add_argument("--full", action="store_true", help="SD1.5 64x64 and SDXL 128x128 (GPU), ranks 4-128")
     p.add_argument("--parts", default="unet,guidance,references,memory",
                    help="comma list of unet, guidance, references, memory")
-    p.add_argument("--rounds", type=int, help="timed rounds per case (quick 5, full 5)")
+    p.add_argument("--rounds", type=int, help="timed rounds per case (quick 4, full 5)")
     p.add_argument("--heavy-rounds", type=int, help="rounds for the full-VAE and x_t guidance steps")
     p.add_argument("--ranks", help="comma list of LoRA ranks (quick 64, full 4,16,64,128)")
     p.add_argument("--latent", type=int, help="latent side for every shape (overrides the plan; code checks)")
