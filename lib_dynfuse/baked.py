@@ -28,6 +28,19 @@ def target_weight(target: FuseTarget) -> torch.Tensor:
     return weight
 
 
+BAKEABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def can_bake(target: FuseTarget) -> bool:
+    """Whether a delta can be added into this target's weight in place: a plain float tensor (not fp8 storage,
+    a quantized or packed weight, or a layer without one; those keep their forward hook)."""
+    try:
+        weight = target_weight(target)
+    except (ValueError, AttributeError):
+        return False
+    return type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dtype in BAKEABLE_DTYPES
+
+
 def dense_delta(delta: LayerDelta, weight: torch.Tensor) -> Tuple[torch.Tensor, slice]:
     """(dW in the weight's dtype and device, the output rows it covers): the full delta, computed in float32
     (float64 for a float64 weight)."""

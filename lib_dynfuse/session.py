@@ -244,7 +244,8 @@ class FuseSession:
         mode = self._mode(target)
         if not self.weight_space or mode == "off":
             return False
-        return not target.is_shared or mode == "merge" or self.method == "klora"
+        from .baked import can_bake
+        return (not target.is_shared or mode == "merge" or self.method == "klora") and can_bake(target)
 
     def _klora_pick(self, index: int, target: FuseTarget) -> bool:
         """K-LoRA's choice for a shared target at the current step (text encoders: progress 0)."""

@@ -150,3 +150,18 @@ def test_dynamic_bakes_the_layers_one_lora_touches_and_hooks_the_shared_ones(cri
     torch.testing.assert_close(got_only, ref_only, rtol=1e-5, atol=1e-5)
     assert torch.equal(baked.selection, hooked.selection)
     assert _unchanged(snap) and not shared._forward_hooks
+
+
+def test_weights_that_cannot_take_an_in_place_add_keep_their_hook():
+    """fp8 storage (A1111's fp8 option) cannot be added to in place: that layer stays forward-time."""
+    lin, fp8 = _linear(0), _linear(1)
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("this torch has no float8")
+    fp8.weight.data = fp8.weight.data.to(torch.float8_e4m3fn)
+    stored = fp8.weight.detach().clone()
+    dc, ds = _linear_delta(8, 6, 2, 10), _linear_delta(8, 6, 2, 11)
+    with FuseSession([FuseTarget("l", lin, dc, ds), FuseTarget("q", fp8, dc, ds)], method="merge",
+                     weight_space=True) as session:
+        assert len(lin._forward_hooks) == 0 and len(fp8._forward_hooks) == 1
+        assert session.is_open
+    assert torch.equal(fp8.weight.view(torch.uint8), stored.view(torch.uint8)) and not fp8._forward_hooks
