@@ -54,22 +54,42 @@ def dense_delta(delta: LayerDelta, weight: torch.Tensor) -> Tuple[torch.Tensor, 
 
 
 class BakedWeights:
-    """The weights of some targets with deltas added in place; `bake(i, deltas)` changes one, `restore()` undoes all."""
+    """The weights of some targets with deltas added in place; `bake(i, deltas)` changes one, `restore()` undoes all.
+
+    Another component may rewrite a weight while it is baked (a WebUI's own LoRA code re-merging its LoRAs from
+    its own copy, e.g. when an extension changes LoRA weights per step). Such a rewrite shows as a new version
+    of the tensor (every in-place write bumps it; moving the module to another device does not). Then the
+    saved copy is out of date: a re-bake starts from the weight as rewritten, and `restore()` leaves it as the
+    other component set it, instead of writing back a state that component no longer expects.
+    """
 
     def __init__(self, targets: Sequence[FuseTarget], backup_device="cpu"):
         self.targets = list(targets)
         self.backup_device = backup_device
         self._backups: Dict[int, torch.Tensor] = {}
         self._baked: Dict[int, Tuple[int, ...]] = {}     # target index -> ids of the deltas in its weight now
+        self._versions: Dict[int, int] = {}              # target index -> the weight's version after our writes
+        self.rewritten: List[str] = []                   # layers another component rewrote while baked
+
+    def _record_versions(self) -> None:
+        # q/k/v parts share one tensor (and its version): every entry is re-read after each of our writes
+        self._versions = {i: target_weight(self.targets[i])._version for i in self._backups}
+
+    def _is_rewritten(self, index: int) -> bool:
+        return target_weight(self.targets[index])._version != self._versions.get(index)
 
     def bake(self, index: int, deltas: Sequence[LayerDelta]) -> None:
         """Make target `index`'s weight W0 + sum(deltas) (W0 = the weight before the first bake); no-op if it is."""
         key = tuple(id(d) for d in deltas)
-        if self._baked.get(index) == key:
+        rewritten = index in self._backups and self._is_rewritten(index)
+        if self._baked.get(index) == key and not rewritten:
             return
         weight = target_weight(self.targets[index])
         with torch.inference_mode(False), torch.no_grad():
-            if index in self._backups:
+            if rewritten:   # someone else's full write: that is the weight to start from now
+                self.rewritten.append(self.targets[index].name)
+                self._backups[index] = weight.detach().to(self.backup_device, copy=True)
+            elif index in self._backups:
                 weight.copy_(self._backups[index])
             else:
                 self._backups[index] = weight.detach().to(self.backup_device, copy=True)
@@ -78,16 +98,22 @@ class BakedWeights:
                 dw, rows = dense_delta(d, weight)
                 weight[rows].add_(dw)
         self._baked[index] = key
+        self._record_versions()
 
     @property
     def is_empty(self) -> bool:
         return not self._backups
 
     def restore(self) -> None:
-        """Copy every saved weight back (all of them even if one fails; the first failure is raised after)."""
-        backups, self._backups, self._baked = self._backups, {}, {}
+        """Copy every saved weight back, except those another component rewrote meanwhile (all of them even if
+        one fails; the first failure is raised after)."""
+        rewritten = {i for i in self._backups if self._is_rewritten(i)}
+        self.rewritten += [self.targets[i].name for i in sorted(rewritten)]
+        backups, self._backups, self._baked, self._versions = self._backups, {}, {}, {}
         first_error: Optional[BaseException] = None
         for index, saved in backups.items():
+            if index in rewritten:
+                continue
             try:
                 with torch.inference_mode(False), torch.no_grad():
                     target_weight(self.targets[index]).copy_(saved)

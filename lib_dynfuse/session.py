@@ -77,6 +77,7 @@ class FuseSession:
         self.method, self.criterion, self.te_mode = method, criterion, te_mode
         self.weight_space, self.backup_device = bool(weight_space), backup_device
         self._baked = None
+        self.rewritten_layers: List[str] = []
         self.klora_alpha, self.klora_beta, self.klora_scale = float(klora_alpha), float(klora_beta), klora_scale
         if method == "klora":
             scale_at(0.0, self.klora_alpha, self.klora_beta, klora_scale)  # star needs alpha > 0: fail here, not in a hook
@@ -148,6 +149,8 @@ class FuseSession:
                 baked.restore()
             except Exception as e:
                 first_error = e
+            # layers another component rewrote while baked (left as it set them): for the host to report
+            self.rewritten_layers = list(dict.fromkeys(baked.rewritten))
         for h in handles:
             try:
                 h.remove()

@@ -165,3 +165,31 @@ def test_weights_that_cannot_take_an_in_place_add_keep_their_hook():
         assert len(lin._forward_hooks) == 0 and len(fp8._forward_hooks) == 1
         assert session.is_open
     assert torch.equal(fp8.weight.view(torch.uint8), stored.view(torch.uint8)) and not fp8._forward_hooks
+
+
+def test_a_weight_rewritten_by_another_component_is_left_as_it_set_it():
+    """A WebUI's own LoRA code may re-merge a layer from its own copy while ours is baked (an extension changing
+    LoRA weights per step). Writing our saved copy back then would undo its state: the rewrite wins, a K-LoRA
+    re-bake starts from it, and the session names the layer."""
+    lin, other = _linear(0), _linear(1)
+    dc, ds = _linear_delta(8, 6, 2, 10, 3.0), _linear_delta(8, 6, 2, 11, 0.2)
+    targets = [FuseTarget("l", lin, dc, ds), FuseTarget("o", other, dc, ds)]
+    their_state = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))
+    w_other = other.weight.detach().clone()
+    with FuseSession(targets, method="merge", weight_space=True) as session:
+        with torch.no_grad():
+            lin.weight.copy_(their_state)        # the other component's full write
+    assert torch.equal(lin.weight, their_state) and torch.equal(other.weight, w_other)
+    assert session.rewritten_layers == ["l"]
+
+    lin2 = _linear(2)
+    klora = [FuseTarget(t.name, m, t.subject, t.style) for t, m in zip(_klora_targets()[:1], [lin2])]
+    with FuseSession(klora, method="klora", weight_space=True) as session:
+        session.set_step(0, 10)
+        with torch.no_grad():
+            lin2.weight.copy_(their_state)
+        session.set_step(9, 10)                  # a re-bake starts from the rewritten weight
+        keep_subject = bool(session.selection[9, 0])
+        chosen = klora[0].subject if keep_subject else klora[0].style
+        assert torch.equal(lin2.weight, their_state + _dense(chosen))
+    assert torch.equal(lin2.weight, their_state) and session.rewritten_layers == ["l0"]

@@ -456,6 +456,13 @@ class FuseRun:
             self._active.remove(session)
             if group == "unet":
                 self._last_unet = session
+            if getattr(session, "rewritten_layers", None):
+                names = session.rewritten_layers
+                self.messages.append(f"DynFuse: {len(names)} layer(s) (e.g. {names[0]}) were rewritten by another "
+                                     "extension during the generation (per-step LoRA weights?); DynFuse's delta "
+                                     "was re-applied at its next step change or dropped, and the weights were left "
+                                     "as that extension set them")
+                log.warning("%s", self.messages[-1])
 
     def set_step(self, step: int, total: int) -> None:
         """Denoising progress from the host's own counters (0-based call index, expected number of calls)."""
