@@ -143,12 +143,7 @@ class A1111Host(common.WebUIHost):
 
     def read_lora(self, name: str) -> HostLora:
         nets = networks_module()
-        on_disk = self._on_disk(name)
-        if not getattr(on_disk, "shorthash", ""):
-            try:
-                on_disk.read_hash()
-            except Exception as e:
-                log.info("DynFuse: no hash for %s: %s", name, e)
+        on_disk = self._hashed_on_disk(name)
         version = getattr(getattr(on_disk, "sd_version", None), "name", "Unknown")
         out = HostLora(name=on_disk.name, shorthash=getattr(on_disk, "shorthash", "") or "",
                        base=_BASES.get(version, "unknown"))

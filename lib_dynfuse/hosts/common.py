@@ -142,6 +142,17 @@ class BuiltinLoraList:
             raise FuseInputError(f"DynFuse: unknown LoRA {name!r} (not in the LoRA list; refresh it or check the name)")
         return found
 
+    def _hashed_on_disk(self, name: str):
+        """The list entry for `name` with its short hash read (the infotext names both LoRAs by hash); a hash
+        that cannot be read is logged and left empty, it never stops the fusion."""
+        on_disk = self._on_disk(name)
+        if not getattr(on_disk, "shorthash", ""):
+            try:
+                on_disk.read_hash()
+            except Exception as e:
+                log.info("DynFuse: no hash for %s: %s", name, e)
+        return on_disk
+
 
 class WebUIHost(BuiltinLoraList):
     """What both WebUI adapters do alike: messages, gallery, infotext and dropping their per-instance wrappers.

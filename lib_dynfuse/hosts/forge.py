@@ -423,12 +423,7 @@ class ForgeHost(common.WebUIHost):
 
     def read_lora(self, name: str) -> HostLora:
         from modules import shared
-        on_disk = self._on_disk(name)
-        if not getattr(on_disk, "shorthash", ""):
-            try:
-                on_disk.read_hash()
-            except Exception as e:
-                log.info("DynFuse: no hash for %s: %s", name, e)
+        on_disk = self._hashed_on_disk(name)
         try:
             # Forge's loader renames a file it fails to read to `<file>.corrupted` (modules_forge/patch_basic.py:27-57),
             # so a broken LoRA is refused here first, by a header read that Forge does not wrap.
