@@ -22,7 +22,6 @@ Host modules are imported inside functions only.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import re
 import sys
@@ -35,7 +34,6 @@ from ..layer_delta import LayerDelta
 from . import common
 from .common import FuseInputError, HostLora, LoraLayer
 
-log = logging.getLogger("dynfuse")
 
 RUN_ATTR = common.RUN_ATTR
 _BASES = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl"}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -38,8 +37,6 @@ COND, UNCOND = 0, 1
 # Forge declares a LoRA a version mismatch above this many unmatched keys (sd_forge_lora/networks.py:25)
 MAX_UNMATCHED = 12
 UNET_PREFIX = "diffusion_model."
-
-log = logging.getLogger("dynfuse")
 
 
 # ---------------------------------------------------------------------------- detection
