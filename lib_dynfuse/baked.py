@@ -100,10 +100,6 @@ class BakedWeights:
         self._baked[index] = key
         self._record_versions()
 
-    @property
-    def is_empty(self) -> bool:
-        return not self._backups
-
     def restore(self) -> None:
         """Copy every saved weight back, except those another component rewrote meanwhile (all of them even if
         one fails; the first failure is raised after)."""

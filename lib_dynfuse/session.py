@@ -330,35 +330,31 @@ class FuseSession:
             return _plus(y, delta(0, target.subject) if subject else delta(1, target.style))
 
         d_c, d_s = delta(0, target.subject), delta(1, target.style)
-        if not torch.is_grad_enabled() and y.dim() >= 2 and y.is_contiguous():
-            # sampling: F_c and F_s are written side by side into one buffer, serve the criterion, and each row
-            # is copied out of the branch it keeps (same bits as y + where(keep, d_c, d_s), two passes less).
-            # Only for a contiguous y: the buffer's layout is the standard one, and a layer whose output has
-            # another (a conv in channels_last) must keep it, or later layers round differently.
-            rows = y.shape[0]
+        cdim, rows = channel_dim(target.subject), y.shape[0]
+        sampling = not torch.is_grad_enabled()
+        # sampling: the branch outputs F_c, F_s serve both the criterion and the result. For a contiguous y they
+        # are written side by side into one buffer and each row is copied out of the branch it keeps (same bits
+        # as y + where(keep, d_c, d_s), two passes less); a y of another layout (a conv in channels_last) keeps
+        # it through y + d and where, or later layers round differently.
+        buffered = sampling and y.dim() >= 2 and y.is_contiguous()
+        if buffered:
             both = torch.empty((2,) + tuple(y.shape), dtype=y.dtype, device=y.device)
             f_c, f_s = torch.add(y, d_c, out=both[0]), torch.add(y, d_s, out=both[1])
-            choose = choose_subject(*output_divergences(self.criterion, y, f_c, f_s, channel_dim(target.subject),
-                                                        d_c, d_s))
-            if record is not None:
-                record.add_rows(self._step, slot, choose, self._row_labels(rows))
+        elif sampling:
+            f_c, f_s = y + d_c, y + d_s
+        if sampling:
+            choose = choose_subject(*output_divergences(self.criterion, y, f_c, f_s, cdim, d_c, d_s))
+        else:
+            with torch.no_grad():   # guidance: the choice is a constant, gradients flow through the chosen delta
+                choose = choose_subject(*branch_divergences(self.criterion, y.detach(), d_c.detach(), d_s.detach(),
+                                                            cdim))
+        if record is not None:
+            record.add_rows(self._step, slot, choose, self._row_labels(rows))
+        if buffered:
             kept_rows = torch.arange(rows, device=y.device) + rows * (~choose).long()   # row b of F_c or of F_s
             return both.view(2 * rows, *y.shape[1:]).index_select(0, kept_rows)
-        if not torch.is_grad_enabled():
-            f_c, f_s = y + d_c, y + d_s     # in y's own layout
-            choose = choose_subject(*output_divergences(self.criterion, y, f_c, f_s, channel_dim(target.subject),
-                                                        d_c, d_s))
-            if record is not None:
-                record.add_rows(self._step, slot, choose, self._row_labels(y.shape[0]))
-            return torch.where(choose.reshape(-1, *([1] * (y.dim() - 1))), f_c, f_s)
-        with torch.no_grad():   # guidance: the choice is a constant, gradients flow through the chosen delta
-            div_c, div_s = branch_divergences(self.criterion, y.detach(), d_c.detach(), d_s.detach(),
-                                              channel_dim(target.subject))
-            choose = choose_subject(div_c, div_s)
-        if record is not None:
-            record.add_rows(self._step, slot, choose, self._row_labels(y.shape[0]))
         keep = choose.reshape(-1, *([1] * (y.dim() - 1)))
-        return y + torch.where(keep, d_c, d_s)
+        return torch.where(keep, f_c, f_s) if sampling else y + torch.where(keep, d_c, d_s)
 
 
 def _plus(y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
