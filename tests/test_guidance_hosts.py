@@ -242,17 +242,24 @@ class FixedHost:
         return denoiser.alphas
 
 
-def test_eps_sampler_output_is_converted_exactly():
+def _eps_guidance(seed: int, grad: str):
+    """Tiny float64 CLIP/DINO/TAESD, the paper's scorer against two random references, an eps denoiser over 1000
+    alphas and a GuidanceRun refining with `grad`; the generator goes on to make the test's inputs."""
     from tests.test_guidance_encoders import tiny_encoders
     clip, dino = tiny_encoders(0, dtype=torch.float64)
     decoder = vae_decoder(tiny_taesd(0).double(), scaling_factor=0.18215)
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     scorer = paper_scorer(clip, dino, torch.rand(1, 3, 32, 32, generator=g).double(),
                           torch.rand(1, 3, 32, 32, generator=g).double())
     alphas = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
     denoiser = TimestepsDenoiser(alphas)
     grun = guidance_run.GuidanceRun(run=None, host=FixedHost())
-    grun.refiner = LatentRefiner(decoder, scorer, scale=10.0, grad="x0")
+    grun.refiner = LatentRefiner(decoder, scorer, scale=10.0, grad=grad)
+    return decoder, scorer, alphas, denoiser, grun, g
+
+
+def test_eps_sampler_output_is_converted_exactly():
+    decoder, scorer, alphas, denoiser, grun, g = _eps_guidance(3, "x0")
     x = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
     t = torch.tensor([500.0, 500.0], dtype=torch.float64)
     with torch.no_grad():
@@ -291,16 +298,7 @@ def test_single_lora_targets_keep_one_branch():
 def test_xt_gradient_on_an_eps_sampler_moves_x_in_place_exactly():
     """x_t <- x_t - m * d R(x0-hat(x_t)) / d x_t (Eq. 20), x0-hat from the denoiser's eps; the sampler's own tensor."""
     from lib_dynfuse.guidance import residual_grad_xt
-    from tests.test_guidance_encoders import tiny_encoders
-    clip, dino = tiny_encoders(0, dtype=torch.float64)
-    decoder = vae_decoder(tiny_taesd(0).double(), scaling_factor=0.18215)
-    g = torch.Generator().manual_seed(5)
-    scorer = paper_scorer(clip, dino, torch.rand(1, 3, 32, 32, generator=g).double(),
-                          torch.rand(1, 3, 32, 32, generator=g).double())
-    alphas = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
-    denoiser = TimestepsDenoiser(alphas)
-    grun = guidance_run.GuidanceRun(run=None, host=FixedHost())
-    grun.refiner = LatentRefiner(decoder, scorer, scale=10.0, grad="xt")
+    decoder, scorer, alphas, denoiser, grun, g = _eps_guidance(5, "xt")
     x = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
     t = torch.tensor([300.0], dtype=torch.float64)
     a = alphas[300]
