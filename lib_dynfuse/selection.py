@@ -56,6 +56,12 @@ def channel_logsumexp(feature: torch.Tensor, channel_dim: int) -> torch.Tensor:
     return softmax_parts(feature, channel_dim)[2]
 
 
+def _kl_terms(f_hat: torch.Tensor, delta: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """E_p_hat[dF] - LSE(F_hat) per token, float32, channels kept as size 1: KL(F_hat || F) per token less LSE(F)."""
+    unnormalised, total, lse_hat = softmax_parts(f_hat, channel_dim)
+    return unnormalised.mul_(delta.float().contiguous()).sum(channel_dim, keepdim=True).div_(total).sub_(lse_hat)
+
+
 def kl_from_delta_per_row(f_hat: torch.Tensor, delta: torch.Tensor, lse_base: torch.Tensor,
                           channel_dim: int) -> torch.Tensor:
     """KL(F_hat || F) per token as sum_c p_hat dF - (LSE(F_hat) - LSE(F)), mean over tokens: [B] (dynamic fusion Eq. 11-12).
@@ -65,11 +71,21 @@ def kl_from_delta_per_row(f_hat: torch.Tensor, delta: torch.Tensor, lse_base: to
     channels). `lse_base` = channel_logsumexp(F), shared by both branches. A zero dF gives exactly 0:
     F_hat is then F bit for bit, so both LSEs come from the same bits.
     """
-    unnormalised, total, lse_hat = softmax_parts(f_hat, channel_dim)
-    mean_delta = unnormalised.mul_(delta.float().contiguous()).sum(channel_dim, keepdim=True).div_(total)  # E_p_hat[dF]
-    kl = mean_delta.sub_(lse_hat - lse_base)
+    kl = _kl_terms(f_hat, delta, channel_dim).add_(lse_base)
     # KL >= 0; rounding can give -1e-9 for a tiny delta, which must not lose a tie against a zero delta.
     return kl.reshape(kl.shape[0], -1).mean(1).clamp_min(0.0)
+
+
+def kl_score_per_row(f_hat: torch.Tensor, delta: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """mean over tokens of E_p_hat[dF] - LSE(F_hat), float64 [B]: KL(F_hat || F) less the mean LSE(F) (dynamic fusion Eq. 11-13).
+
+    Eq. 13 only compares the two branches' KL, and LSE(F) is the same in both, so score_c - score_s =
+    KL_c - KL_s without computing LSE(F) (a third softmax pass over the layer's output). The tokens' terms
+    (each near -LSE, |.| ~ 5-10) are averaged in float64, so the difference keeps the float32 precision of
+    the per-token terms instead of losing it to the rounding of two large means. Equal deltas give equal bits.
+    """
+    terms = _kl_terms(f_hat, delta, channel_dim)
+    return terms.reshape(terms.shape[0], -1).double().mean(1)
 
 
 def js_per_row(logp_hat: torch.Tensor, logp_base: torch.Tensor) -> torch.Tensor:
@@ -99,6 +115,20 @@ def choose_subject(d_c: torch.Tensor, d_s: torch.Tensor) -> torch.Tensor:
 
 
 CRITERIA = ("kl", "js", "cosine", "dot")
+
+
+def selection_scores(criterion: str, base: torch.Tensor, f_c: torch.Tensor, f_s: torch.Tensor, channel_dim: int,
+                     delta_c: Optional[torch.Tensor] = None, delta_s: Optional[torch.Tensor] = None):
+    """(s_c, s_s) per row that Eq. 13 compares: s_c >= s_s exactly where d_c >= d_s (dynamic fusion Eq. 9-13).
+
+    KL: `kl_score_per_row`, the divergences less the LSE(F) term both share (one softmax pass fewer per
+    layer); the other criteria: the divergences themselves (`output_divergences`).
+    """
+    if criterion != "kl":
+        return output_divergences(criterion, base, f_c, f_s, channel_dim, delta_c, delta_s)
+    delta_c = f_c - base if delta_c is None else delta_c
+    delta_s = f_s - base if delta_s is None else delta_s
+    return kl_score_per_row(f_c, delta_c, channel_dim), kl_score_per_row(f_s, delta_s, channel_dim)
 
 
 def branch_divergences(criterion: str, base: torch.Tensor, delta_c: torch.Tensor, delta_s: torch.Tensor,

@@ -34,8 +34,7 @@ from . import mha
 from .layer_delta import FuseTarget, LayerDelta
 from .lowrank import channel_dim, full_delta_output, prepare_delta
 from .record import LABELS, SelectionRecord
-from .selection import CRITERIA, KLORA_SCALES, branch_divergences, output_divergences, choose_subject, klora_schedule, \
-    klora_switch_progress
+from .selection import CRITERIA, KLORA_SCALES, choose_subject, klora_schedule, klora_switch_progress, selection_scores
 from .selection import klora_scale as scale_at
 
 METHODS = ("dynamic", "klora", "merge")
@@ -343,11 +342,11 @@ class FuseSession:
         elif sampling:
             f_c, f_s = y + d_c, y + d_s
         if sampling:
-            choose = choose_subject(*output_divergences(self.criterion, y, f_c, f_s, cdim, d_c, d_s))
+            choose = choose_subject(*selection_scores(self.criterion, y, f_c, f_s, cdim, d_c, d_s))
         else:
             with torch.no_grad():   # guidance: the choice is a constant, gradients flow through the chosen delta
-                choose = choose_subject(*branch_divergences(self.criterion, y.detach(), d_c.detach(), d_s.detach(),
-                                                            cdim))
+                y0, d_c0, d_s0 = y.detach(), d_c.detach(), d_s.detach()
+                choose = choose_subject(*selection_scores(self.criterion, y0, y0 + d_c0, y0 + d_s0, cdim, d_c0, d_s0))
         if record is not None:
             record.add_rows(self._step, slot, choose, self._row_labels(rows))
         if buffered:

@@ -108,6 +108,46 @@ def test_kl_and_js_match_loop_reference(layout):
     torch.testing.assert_close(d_c, kl, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("layout", sorted(FEATURES))
+def test_kl_scores_differ_by_the_kl_difference(layout):
+    """The hooks' KL scores drop LSE(F), which both branches share: s_c - s_s = KL_c - KL_s (float64 loop
+    reference) and the choice is the divergences' choice, row by row, both ways."""
+    shape, conv = FEATURES[layout]
+    cdim = 1 if conv else -1
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(shape, generator=g)
+    d_c, d_s = 0.5 * torch.randn(shape, generator=g), 0.5 * torch.randn(shape, generator=g)
+    d_s[0] *= 3.0   # row 0: the style changes far more; the others by chance
+    f_c, f_s = base + d_c, base + d_s
+    s_c, s_s = sel.selection_scores("kl", base, f_c, f_s, cdim, d_c, d_s)
+    assert s_c.dtype == torch.float64 and s_c.shape == (shape[0],)
+    ref = torch.tensor(_ref_kl(f_c, base, conv), dtype=torch.float64) - torch.tensor(_ref_kl(f_s, base, conv),
+                                                                                    dtype=torch.float64)
+    torch.testing.assert_close(s_c - s_s, ref, rtol=1e-5, atol=1e-6)
+    kl_c, kl_s = sel.branch_divergences("kl", base, d_c, d_s, cdim)
+    assert sel.choose_subject(s_c, s_s).tolist() == sel.choose_subject(kl_c, kl_s).tolist() == (ref >= 0).tolist()
+    assert sel.choose_subject(s_c, s_s).tolist()[0] is False
+    # the deltas formed from the outputs when the caller has none
+    s_c2, s_s2 = sel.selection_scores("kl", base, f_c, f_s, cdim)
+    torch.testing.assert_close(s_c2 - s_s2, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_equal_deltas_score_equal_bits_in_either_layout():
+    """Equal branches tie exactly (ties keep the subject), also for a channels_last conv output; a zero delta
+    scores exactly -mean LSE(F)."""
+    base, hat = _pair((2, 8, 5, 5), seed=7)
+    channels_last = base.to(memory_format=torch.channels_last)
+    delta = hat - base
+    for y in (base, channels_last):
+        s_c, s_s = sel.selection_scores("kl", y, y + delta, (base + delta).clone(), 1, delta, delta.clone())
+        assert torch.equal(s_c, s_s) and sel.choose_subject(s_c, s_s).all()
+        zero = torch.zeros_like(base)
+        z_c, z_s = sel.selection_scores("kl", y, y + zero, base.clone(), 1, zero, zero)
+        assert torch.equal(z_c, z_s)
+        lse = sel.channel_logsumexp(base, 1)
+        assert torch.equal(z_c, -lse.reshape(2, -1).double().mean(1))
+
+
 def test_conv_tokens_are_pixels_and_channels_are_dim1():
     base, _ = _pair((2, 3, 2, 2))
     tokens = sel.tokens_by_channels(base, 1)
@@ -161,6 +201,8 @@ def test_each_row_keeps_the_branch_that_changed_it_more(criterion, conv):
     d_s = torch.stack([small[0], big[1]])
     div_c, div_s = sel.branch_divergences(criterion, base, d_c, d_s, cdim)
     assert sel.choose_subject(div_c, div_s).tolist() == [True, False]
+    score_c, score_s = sel.selection_scores(criterion, base, base + d_c, base + d_s, cdim, d_c, d_s)
+    assert sel.choose_subject(score_c, score_s).tolist() == [True, False]
 
 
 def test_unknown_criterion_is_a_clear_error():
