@@ -39,10 +39,11 @@ def _randomise(module, seed):
 def register_tiny_clip() -> str:
     """Register the tiny open_clip config once per process (open_clip 2.20 builds models by registered name)."""
     import open_clip
-    folder = tempfile.mkdtemp(prefix="dynfuse-openclip-")
-    with open(os.path.join(folder, TINY_CLIP + ".json"), "w") as f:
-        json.dump(TINY_CLIP_CFG, f)
-    open_clip.add_model_config(folder)
+    # open_clip reads the config when it is added and keeps it registered after the folder is gone
+    with tempfile.TemporaryDirectory(prefix="dynfuse-openclip-") as folder:
+        with open(os.path.join(folder, TINY_CLIP + ".json"), "w") as f:
+            json.dump(TINY_CLIP_CFG, f)
+        open_clip.add_model_config(folder)
     return TINY_CLIP
 
 
@@ -88,11 +89,11 @@ def save_dino_folder(folder, seed=0, with_pooler=False):
 
 def tiny_encoders(seed=0, dtype=torch.float32):
     """(clip, dino) ImageEncoders through the real loaders, from files written to a temp folder."""
-    folder = tempfile.mkdtemp(prefix="dynfuse-enc-")
-    save_clip(folder, seed)
-    save_dino_folder(os.path.join(folder, "dino-vits16"), seed + 1)
-    clip = load_clip_encoder(TINY_CLIP, search_dirs=[folder], hub_cache=folder, dtype=dtype)
-    dino = load_dino_encoder("dino-vits16", search_dirs=[folder], hub_cache=folder, dtype=dtype)
+    with tempfile.TemporaryDirectory(prefix="dynfuse-enc-") as folder:   # the loaders read the files fully
+        save_clip(folder, seed)
+        save_dino_folder(os.path.join(folder, "dino-vits16"), seed + 1)
+        clip = load_clip_encoder(TINY_CLIP, search_dirs=[folder], hub_cache=folder, dtype=dtype)
+        dino = load_dino_encoder("dino-vits16", search_dirs=[folder], hub_cache=folder, dtype=dtype)
     return clip, dino
 
 
