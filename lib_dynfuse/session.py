@@ -34,7 +34,8 @@ from . import mha
 from .layer_delta import FuseTarget, LayerDelta
 from .lowrank import channel_dim, full_delta_output, prepare_delta
 from .record import LABELS, SelectionRecord
-from .selection import CRITERIA, KLORA_SCALES, choose_subject, klora_schedule, klora_switch_progress, selection_scores
+from .selection import CRITERIA, KLORA_SCALES, choose_subject, kl_scores_with_outputs, klora_schedule, \
+    klora_switch_progress, selection_scores
 from .selection import klora_scale as scale_at
 
 METHODS = ("dynamic", "klora", "merge")
@@ -338,10 +339,13 @@ class FuseSession:
         buffered = sampling and y.dim() >= 2 and y.is_contiguous()
         if buffered:
             both = torch.empty((2,) + tuple(y.shape), dtype=y.dtype, device=y.device)
-            f_c, f_s = torch.add(y, d_c, out=both[0]), torch.add(y, d_s, out=both[1])
+        if buffered and self.criterion == "kl":   # written and scored together, block by block when large
+            choose = choose_subject(*kl_scores_with_outputs(y, d_c, d_s, both, cdim))
         elif sampling:
-            f_c, f_s = y + d_c, y + d_s
-        if sampling:
+            if buffered:
+                f_c, f_s = torch.add(y, d_c, out=both[0]), torch.add(y, d_s, out=both[1])
+            else:
+                f_c, f_s = y + d_c, y + d_s
             choose = choose_subject(*selection_scores(self.criterion, y, f_c, f_s, cdim, d_c, d_s))
         else:
             with torch.no_grad():   # guidance: the choice is a constant, gradients flow through the chosen delta

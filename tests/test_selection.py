@@ -148,6 +148,33 @@ def test_equal_deltas_score_equal_bits_in_either_layout():
         assert torch.equal(z_c, -lse.reshape(2, -1).double().mean(1))
 
 
+@pytest.mark.parametrize("shape", [(3, 37, 16), (5, 16)])
+def test_blocked_kl_scores_are_the_whole_tensor_bits(shape):
+    """Token blocks (here 5 rows of 16 channels, the last block short) write the same F_c, F_s and give the
+    same scores, bit for bit, as one pass over the whole output and as `selection_scores`."""
+    g = torch.Generator().manual_seed(21)
+    base = 4.0 * torch.randn(shape, generator=g)
+    d_c, d_s = torch.randn(shape, generator=g), 0.5 * torch.randn(shape, generator=g)
+    whole, blocked = torch.empty((2,) + shape), torch.full((2,) + shape, float("nan"))
+    ref = sel.kl_scores_with_outputs(base, d_c, d_s, whole, -1)                        # small: one block
+    got = sel.kl_scores_with_outputs(base, d_c, d_s, blocked, -1, block_bytes=4 * 16 * 5)
+    assert torch.equal(blocked, whole) and torch.equal(whole[0], base + d_c) and torch.equal(whole[1], base + d_s)
+    for g_, r_, s_ in zip(got, ref, sel.selection_scores("kl", base, base + d_c, base + d_s, -1, d_c, d_s)):
+        assert g_.dtype == torch.float64 and torch.equal(g_, r_) and torch.equal(g_, s_)
+
+
+def test_blocked_kl_scores_leave_conv_outputs_whole():
+    """Channels on dim 1 (a conv output) cannot be cut into token rows: the whole tensor is scored."""
+    g = torch.Generator().manual_seed(22)
+    base = torch.randn(2, 6, 4, 5, generator=g)
+    d_c, d_s = torch.randn(2, 6, 4, 5, generator=g), torch.randn(2, 6, 4, 5, generator=g)
+    out = torch.empty((2,) + tuple(base.shape))
+    got = sel.kl_scores_with_outputs(base, d_c, d_s, out, 1, block_bytes=4 * 6)
+    ref = sel.selection_scores("kl", base, base + d_c, base + d_s, 1, d_c, d_s)
+    assert torch.equal(out[0], base + d_c) and torch.equal(out[1], base + d_s)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
 def test_conv_tokens_are_pixels_and_channels_are_dim1():
     base, _ = _pair((2, 3, 2, 2))
     tokens = sel.tokens_by_channels(base, 1)

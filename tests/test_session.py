@@ -167,6 +167,29 @@ def test_sampling_path_copies_each_row_from_its_branch(criterion):
         assert torch.equal(got, y + torch.where(keep.reshape(-1, *([1] * (y.dim() - 1))), ref_c, ref_s))
 
 
+def test_large_linear_output_is_scored_in_blocks_with_the_same_result():
+    """A 16 MiB linear output (over the CPU blocking threshold): the session's rows are y + the kept delta, bit
+    for bit, with the choice of the KL divergences themselves, rows going both ways."""
+    from lib_dynfuse.selection import KL_BLOCKED_FROM_BYTES, branch_divergences, choose_subject
+    g = _g(31)
+    lin = torch.nn.Linear(4, 1024).eval()
+    pick_c, pick_s = torch.zeros(2, 4), torch.zeros(2, 4)
+    pick_c[:, 0], pick_s[:, 3] = 3.0, 3.0
+    dc = LayerDelta(down=pick_c, up=torch.randn(1024, 2, generator=g), scale=0.5)
+    ds = LayerDelta(down=pick_s, up=torch.randn(1024, 2, generator=g))
+    rows = torch.tensor([[1.0, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 1.0]])
+    x = rows[:, None, :] * torch.rand(2, 2048, 4, generator=g)
+    with torch.no_grad():
+        y = lin(x)
+        assert y.numel() * 4 >= KL_BLOCKED_FROM_BYTES
+        ref_c, ref_s = _ref_delta(dc, x), _ref_delta(ds, x)
+        keep = choose_subject(*branch_divergences("kl", y, ref_c, ref_s, -1))
+        with FuseSession([FuseTarget("big", lin, dc, ds)], criterion="kl"):
+            got = lin(x)
+    assert keep.tolist() == [True, False]
+    assert torch.equal(got, y + torch.where(keep[:, None, None], ref_c, ref_s))
+
+
 @pytest.mark.parametrize("criterion", ["kl", "js", "cosine"])
 def test_ties_and_zero_loras(criterion):
     lin = _linear(0)
