@@ -84,7 +84,11 @@ def kl_score_per_row(f_hat: torch.Tensor, delta: torch.Tensor, channel_dim: int)
     (each near -LSE, |.| ~ 5-10) are averaged in float64, so the difference keeps the float32 precision of
     the per-token terms instead of losing it to the rounding of two large means. Equal deltas give equal bits.
     """
-    terms = _kl_terms(f_hat, delta, channel_dim)
+    return _row_means64(_kl_terms(f_hat, delta, channel_dim))
+
+
+def _row_means64(terms: torch.Tensor) -> torch.Tensor:
+    """Per-token terms [B, ...] -> their mean per row, in float64: [B]."""
     return terms.reshape(terms.shape[0], -1).double().mean(1)
 
 
@@ -104,7 +108,7 @@ def kl_scores_with_outputs(base: torch.Tensor, delta_c: torch.Tensor, delta_s: t
     op is per token and the token means are taken over all blocks at the end, so the bits are those of
     whole-tensor passes. `out` is [2, *base.shape], contiguous.
     """
-    channels = base.shape[channel_dim] if base.dim() else 1
+    channels = base.shape[channel_dim]
     last = channel_dim in (-1, base.dim() - 1)
     rows = base.numel() // max(1, channels)
     if block_bytes is None:
@@ -123,8 +127,8 @@ def kl_scores_with_outputs(base: torch.Tensor, delta_c: torch.Tensor, delta_s: t
         for branch, d in ((0, d_c), (1, d_s)):
             f_hat = torch.add(f[block], d[block], out=both[branch, block])
             terms[branch, block] = _kl_terms(f_hat, d[block], -1)
-    per_row = terms.view(2, base.shape[0], -1).double().mean(2)
-    return per_row[0], per_row[1]
+    rows_of_batch = terms.view(2, base.shape[0], -1)
+    return _row_means64(rows_of_batch[0]), _row_means64(rows_of_batch[1])
 
 
 def js_per_row(logp_hat: torch.Tensor, logp_base: torch.Tensor) -> torch.Tensor:
@@ -165,9 +169,13 @@ def selection_scores(criterion: str, base: torch.Tensor, f_c: torch.Tensor, f_s:
     """
     if criterion != "kl":
         return output_divergences(criterion, base, f_c, f_s, channel_dim, delta_c, delta_s)
-    delta_c = f_c - base if delta_c is None else delta_c
-    delta_s = f_s - base if delta_s is None else delta_s
+    delta_c, delta_s = _branch_deltas(base, f_c, f_s, delta_c, delta_s)
     return kl_score_per_row(f_c, delta_c, channel_dim), kl_score_per_row(f_s, delta_s, channel_dim)
+
+
+def _branch_deltas(base, f_c, f_s, delta_c, delta_s):
+    """(F_c - F, F_s - F), or the caller's deltas where it has them."""
+    return (f_c - base if delta_c is None else delta_c), (f_s - base if delta_s is None else delta_s)
 
 
 def branch_divergences(criterion: str, base: torch.Tensor, delta_c: torch.Tensor, delta_s: torch.Tensor,
@@ -182,8 +190,7 @@ def output_divergences(criterion: str, base: torch.Tensor, f_c: torch.Tensor, f_
     caller has them; otherwise they are formed here) (dynamic fusion Eq. 9-12)."""
     if criterion == "kl":
         lse = channel_logsumexp(base, channel_dim)
-        delta_c = f_c - base if delta_c is None else delta_c
-        delta_s = f_s - base if delta_s is None else delta_s
+        delta_c, delta_s = _branch_deltas(base, f_c, f_s, delta_c, delta_s)
         return (kl_from_delta_per_row(f_c, delta_c, lse, channel_dim),
                 kl_from_delta_per_row(f_s, delta_s, lse, channel_dim))
     if criterion == "js":
