@@ -34,7 +34,7 @@ from . import mha
 from .layer_delta import FuseTarget, LayerDelta
 from .lowrank import channel_dim, full_delta_output, prepare_delta
 from .record import LABELS, SelectionRecord
-from .selection import CRITERIA, KLORA_SCALES, choose_subject, kl_scores_with_outputs, klora_schedule, \
+from .selection import CRITERIA, KLORA_SCALES, choose_subject, kept_rows, kl_scores_with_outputs, klora_schedule, \
     klora_switch_progress, selection_scores
 from .selection import klora_scale as scale_at
 
@@ -332,32 +332,24 @@ class FuseSession:
         d_c, d_s = delta(0, target.subject), delta(1, target.style)
         cdim, rows = channel_dim(target.subject), y.shape[0]
         sampling = not torch.is_grad_enabled()
-        # sampling: the branch outputs F_c, F_s serve both the criterion and the result. For a contiguous y they
-        # are written side by side into one buffer and each row is copied out of the branch it keeps (same bits
-        # as y + where(keep, d_c, d_s), two passes less); a y of another layout (a conv in channels_last) keeps
-        # it through y + d and where, or later layers round differently.
-        buffered = sampling and y.dim() >= 2 and y.is_contiguous()
-        if buffered:
-            both = torch.empty((2,) + tuple(y.shape), dtype=y.dtype, device=y.device)
-        if buffered and self.criterion == "kl":   # written and scored together, block by block when large
-            choose = choose_subject(*kl_scores_with_outputs(y, d_c, d_s, both, cdim))
-        elif sampling:
-            if buffered:
-                f_c, f_s = torch.add(y, d_c, out=both[0]), torch.add(y, d_s, out=both[1])
+        if sampling:
+            # the branch outputs F_c, F_s serve both the criterion and the result: the kept rows are taken from them
+            # (same bits as y + where(keep, d_c, d_s), and y's layout: a conv in channels_last keeps it)
+            if self.criterion == "kl" and y.dim() >= 2 and y.is_contiguous():   # written and scored together,
+                f_c, f_s = torch.empty_like(y), torch.empty_like(y)             # block by block when large
+                choose = choose_subject(*kl_scores_with_outputs(y, d_c, d_s, f_c, f_s, cdim))
             else:
                 f_c, f_s = y + d_c, y + d_s
-            choose = choose_subject(*selection_scores(self.criterion, y, f_c, f_s, cdim, d_c, d_s))
+                choose = choose_subject(*selection_scores(self.criterion, y, f_c, f_s, cdim, d_c, d_s))
         else:
             with torch.no_grad():   # guidance: the choice is a constant, gradients flow through the chosen delta
                 y0, d_c0, d_s0 = y.detach(), d_c.detach(), d_s.detach()
                 choose = choose_subject(*selection_scores(self.criterion, y0, y0 + d_c0, y0 + d_s0, cdim, d_c0, d_s0))
         if record is not None:
             record.add_rows(self._step, slot, choose, self._row_labels(rows))
-        if buffered:
-            kept_rows = torch.arange(rows, device=y.device) + rows * (~choose).long()   # row b of F_c or of F_s
-            return both.view(2 * rows, *y.shape[1:]).index_select(0, kept_rows)
-        keep = choose.reshape(-1, *([1] * (y.dim() - 1)))
-        return torch.where(keep, f_c, f_s) if sampling else y + torch.where(keep, d_c, d_s)
+        if sampling:
+            return kept_rows(choose, f_c, f_s)
+        return y + torch.where(choose.reshape(-1, *([1] * (y.dim() - 1))), d_c, d_s)
 
 
 def _plus(y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
