@@ -113,7 +113,7 @@ def bench_shape(kind: str, latent: int, plan: Plan, args, folder: str) -> Dict:
         for c in cases:
             flop_ratio = flops[c.name] / flops[c.floor] if c.floor else None
             rows.append(Row("unet", c.name, t.median(c.name), t.ratio(c.name), c.floor, t.spread(c.name), flop_ratio,
-                            t.cpu_ratio(c.name)))
+                            t.cpu_ratio(c.name), t.fastest_ratio(c.name, c.floor)))
 
     gm = None
     if "guidance" in args.parts or "references" in args.parts:
@@ -132,7 +132,7 @@ def bench_shape(kind: str, latent: int, plan: Plan, args, folder: str) -> Dict:
                 if c.floor is None and any(r.name == c.name for r in rows):
                     continue
                 rows.append(Row("guidance", c.name, t.median(c.name), t.ratio(c.name), c.floor, t.spread(c.name),
-                                cpu_ratio=t.cpu_ratio(c.name)))
+                                cpu_ratio=t.cpu_ratio(c.name), fastest=t.fastest_ratio(c.name, c.floor)))
     if "references" in args.parts:
         log(f"[{tag}] reference renders, {plan.reference_steps} steps each")
         ref = guidance_cases.reference_seconds(unet, inputs, main.load(), gm, plan.reference_steps)

@@ -44,6 +44,13 @@ class Timings:
         r = self.cpu_ratios.get(name)
         return statistics.median(r) if r else None
 
+    def fastest_ratio(self, name: str, floor: Optional[str]) -> Optional[float]:
+        """The case's fastest round over the floor's fastest round: other load on a shared machine only ever adds
+        time, so the fastest rounds are the ones it disturbed least (a check on the median per-round ratio)."""
+        if floor is None or not self.seconds.get(name) or not self.seconds.get(floor):
+            return None
+        return min(self.seconds[name]) / min(self.seconds[floor])
+
     def spread(self, name: str) -> float:
         """(max - min) / median of a case's seconds: how noisy its rounds were."""
         s = self.seconds[name]
