@@ -48,7 +48,7 @@ def softmax_parts(feature: torch.Tensor, channel_dim: int):
     f = feature.float().contiguous()
     top = f.amax(channel_dim, keepdim=True)
     # exp(F - max) as 2^((F - max) log2 e), the shift and scale in one pass: a CPU's vectorised exp2 takes about
-    # half the time of its exp (relative error ~1e-6 instead of ~1e-7; the exponent is <= 0, so no overflow)
+    # half the time of its exp (relative error ~1e-6 instead of ~1e-7; the exponent is <= 0 up to rounding: no overflow)
     unnormalised = torch.add(top.mul(-LOG2_E), f, alpha=LOG2_E).exp2_()
     total = unnormalised.sum(channel_dim, keepdim=True)
     return unnormalised, total, top + total.log()
