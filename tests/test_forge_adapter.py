@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from lib_dynfuse.args import FuseArgs
 from lib_dynfuse.hosts import common
 from lib_dynfuse.hosts import forge
+from lib_dynfuse.layer_delta import LayerDelta
+from lib_dynfuse.lowrank import delta_output
 from tests.fixtures import lora_files, models
 
 STANDINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standins_forge")
@@ -185,16 +187,14 @@ def _host_and_p(fh, sd15_files, method="dynamic", steps=3, **kw):
 
 
 def _reference_subject_only(unet_model, written, x, ctx, uncond_ctx=None):
-    """Hand reference: the base model plus x -> down -> up * alpha/r on every subject layer (own hooks)."""
+    """Reference: the base model plus x -> down -> up * alpha/r on every subject layer (own hooks, one LoRA, no selection)."""
     handles = []
     for w in (w for w in written if w.group == "unet"):
         m = unet_model.get_submodule("diffusion_model." + w.module)
 
-        def hook(mod, args, out, w=w):
+        def hook(mod, args, out, w=w):   # the engine's low-rank op order (bits are compared)
             x_in = args[0]
-            if w.down.dim() == 4:
-                return out + F.conv2d(F.conv2d(x_in, w.down.to(x_in)), w.up.to(x_in)) * w.scale
-            return out + F.linear(F.linear(x_in, w.down.to(x_in)), w.up.to(x_in)) * w.scale
+            return out + delta_output(LayerDelta(down=w.down.to(x_in), up=w.up.to(x_in), scale=w.scale), x_in, mod)
         handles.append(m.register_forward_hook(hook))
     try:
         xs = torch.cat([x, x]) if uncond_ctx is not None else x

@@ -90,6 +90,9 @@ CONVS = {
     "3x3 stride 2 pad 1": dict(kernel_size=3, stride=2, padding=1),
     "3x3 dilation 2 pad 2": dict(kernel_size=3, padding=2, dilation=2),
     "1x1": dict(kernel_size=1),
+    "1x1 stride 2": dict(kernel_size=1, stride=2),
+    "1x1 pad 1": dict(kernel_size=1, padding=1),
+    "1x1 same": dict(kernel_size=1, padding="same"),
     "3x3 reflect": dict(kernel_size=3, padding=1, padding_mode="reflect"),
     "3x1 same": dict(kernel_size=(3, 1), padding="same"),
 }
@@ -103,6 +106,21 @@ def test_conv_locon_equals_merged_weight(name):
     dw = (delta.up.flatten(1) @ delta.down.flatten(1)).reshape(5, 4, kh, kw) * 0.5
     x = _rand(2, 4, 7, 6, seed=9)
     torch.testing.assert_close(delta_output(delta, x, module), _merged_output(module, x, dw), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "unbatched"])
+def test_pointwise_conv_delta_in_every_layout(layout):
+    # a 1x1 LoCon (SD1.5's proj_in/proj_out) runs as matmuls over the channels for contiguous and channels_last
+    # inputs, and as a conv otherwise: the same values as the merged weight, in the layout the conv itself returns
+    module = torch.nn.Conv2d(4, 5, 1).to(D)
+    delta = LayerDelta(down=_rand(2, 4, 1, 1, seed=1), up=_rand(5, 2, 1, 1, seed=2), scale=0.5)
+    dw = (delta.up.flatten(1) @ delta.down.flatten(1)).reshape(5, 4, 1, 1) * 0.5
+    x = _rand(3, 4, 6, 7, seed=3)
+    x = {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
+         "sliced": x[:, :, :, ::2], "unbatched": x[0]}[layout]
+    got = delta_output(delta, x, module)
+    torch.testing.assert_close(got, _merged_output(module, x, dw), rtol=1e-12, atol=1e-12)
+    assert got.stride() == module(x).stride()
 
 
 @pytest.mark.parametrize("name", ["3x3 stride 2 pad 1", "3x3 dilation 2 pad 2"])
