@@ -4,6 +4,8 @@ Per step and layer the record keeps how many rows chose the subject (`chosen`) a
 (`rows`), separately for "cond" and "uncond" rows. Several forward calls in one step (second-order samplers,
 unbatched CFG) add up, so the share is their average. The subject counts of the dynamic method stay on the
 device during sampling (adding a bool tensor needs no host sync); they are moved to the CPU once, when read.
+A layer's choice is only queued when it is made and added up in bulk later (when read, or every FLUSH_EVERY
+choices): adding it on the spot cost about 70 us of op dispatch per fused layer and call, for a 0/1 count.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 LABELS = ("cond", "uncond")
+FLUSH_EVERY = 1024   # queued choices (a [B] bool tensor each) before they are added into the counts
 
 
 class SelectionRecord:
@@ -24,6 +27,8 @@ class SelectionRecord:
         self._host_chosen: Dict[int, List[List[int]]] = {}  # step -> [layers][2] host-decided choices (klora)
         self._rows: Dict[int, List[List[int]]] = {}         # step -> [layers][2] rows seen (known on the host)
         self._masks: Dict[tuple, torch.Tensor] = {}         # (labels, device) -> [2, B] float label masks
+        self._queued: Dict[tuple, List[torch.Tensor]] = {}  # (step, layer, labels, device) -> [choose [B], ...]
+        self._queued_count = 0
         self.total_steps: int = 0
 
     # ------------------------------------------------------------------ writing
@@ -50,17 +55,26 @@ class SelectionRecord:
         self.total_steps = max(self.total_steps, step + 1)
 
     def add_rows(self, step: int, layer: int, choose: torch.Tensor, labels: Sequence[str]) -> None:
-        """Record a per-row bool tensor [B] (on any device) without a host sync."""
-        key = (tuple(labels), choose.device)
-        mask = self._masks.get(key)
-        if mask is None:
-            with torch.inference_mode(False):
-                mask = torch.tensor([[lab != "uncond" for lab in labels], [lab == "uncond" for lab in labels]],
-                                    dtype=torch.float32, device=choose.device)
-            self._masks[key] = mask
-        with torch.no_grad():
-            self._buffer(self._device_chosen, step, choose.device)[layer].add_(mask @ choose.float())
+        """Record a per-row bool tensor [B] (on any device) without a host sync (queued; see the module doc)."""
+        self._queued.setdefault((step, layer, tuple(labels), choose.device), []).append(choose)
+        self._queued_count += 1
         self._count_rows(step, layer, labels)
+        if self._queued_count >= FLUSH_EVERY:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Add the queued choices into the per-step counts, a few ops per (step, layer, labels), no host sync."""
+        queued, self._queued, self._queued_count = self._queued, {}, 0
+        for (step, layer, labels, device), chooses in queued.items():
+            mask = self._masks.get((labels, device))
+            if mask is None:
+                with torch.inference_mode(False):
+                    mask = torch.tensor([[lab != "uncond" for lab in labels], [lab == "uncond" for lab in labels]],
+                                        dtype=torch.float32, device=device)
+                self._masks[(labels, device)] = mask
+            with torch.no_grad():   # 0/1 sums: exact in float32
+                rows = torch.stack(chooses).float().sum(0) if len(chooses) > 1 else chooses[0].float()
+                self._buffer(self._device_chosen, step, device)[layer].add_(mask @ rows.reshape(-1))
 
     def add_all(self, step: int, layer: int, subject: bool, labels: Sequence[str]) -> None:
         """Record one host-side decision that holds for every row (K-LoRA's schedule)."""
@@ -85,6 +99,7 @@ class SelectionRecord:
     def counts(self, steps: Optional[int] = None):
         """(chosen, rows): float64 [steps, layers, 2] (last dim: cond, uncond)."""
         steps = self.total_steps if steps is None else steps
+        self._flush()
         chosen = self._table(self._device_chosen, steps) + self._table(self._host_chosen, steps)
         return chosen, self._table(self._rows, steps)
 

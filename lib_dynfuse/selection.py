@@ -92,7 +92,7 @@ def kl_score_per_row(f_hat: torch.Tensor, delta: torch.Tensor, channel_dim: int)
 
 def _row_means64(terms: torch.Tensor) -> torch.Tensor:
     """Per-token terms [B, ...] -> their mean per row, in float64: [B]."""
-    return terms.reshape(terms.shape[0], -1).double().mean(1)
+    return terms.reshape(terms.shape[0], -1).mean(1, dtype=torch.float64)
 
 
 # CPU: a layer output this large is scored block by block of tokens, each block ~KL_BLOCK_BYTES per tensor, so
@@ -102,14 +102,16 @@ KL_BLOCK_BYTES = 1 << 20
 KL_BLOCKED_FROM_BYTES = 8 << 20
 
 
-def kl_scores_with_outputs(base: torch.Tensor, delta_c: torch.Tensor, delta_s: torch.Tensor, out_c: torch.Tensor,
-                           out_s: torch.Tensor, channel_dim: int, block_bytes: Optional[int] = None):
-    """Writes F_c = F + dF_c into out_c and F_s = F + dF_s into out_s; returns their `kl_score_per_row` (dynamic fusion Eq. 9-13).
+def kl_scores_with_outputs(base: torch.Tensor, delta_c: torch.Tensor, delta_s: torch.Tensor, out: torch.Tensor,
+                           channel_dim: int, block_bytes: Optional[int] = None):
+    """Writes F_c = F + dF_c into out[0] and F_s = F + dF_s into out[1]; returns their `kl_score_per_row` (dynamic fusion Eq. 9-13).
 
-    Contiguous outputs with channels last are done token block by token block on the CPU (`block_bytes` of
-    float32 per tensor; None = KL_BLOCK_BYTES for outputs from KL_BLOCKED_FROM_BYTES, else one block). Every
-    op is per token and the token means are taken over all blocks at the end, so the bits are those of
-    whole-tensor passes. out_c and out_s have base's shape.
+    `out` is [2, *base.shape], contiguous. Both branches are scored by the same ops on `out` at once: half the
+    op dispatches of scoring them one by one (on a GPU, 192 fused layers of small ops are bound by dispatch),
+    and the bits of `kl_score_per_row` on each branch (every op is per token; the token means per row).
+    Contiguous outputs with channels last are done token block by token block on the CPU instead
+    (`block_bytes` of float32 per tensor; None = KL_BLOCK_BYTES for outputs from KL_BLOCKED_FROM_BYTES, else
+    one block): the token means are taken over all blocks at the end, so the bits are the same again.
     """
     channels = base.shape[channel_dim]
     last = channel_dim in (-1, base.dim() - 1)
@@ -117,19 +119,26 @@ def kl_scores_with_outputs(base: torch.Tensor, delta_c: torch.Tensor, delta_s: t
     if block_bytes is None:
         big = base.device.type == "cpu" and base.numel() * 4 >= KL_BLOCKED_FROM_BYTES
         block_bytes = KL_BLOCK_BYTES if big else None
-    blockable = last and all(t.is_contiguous() for t in (base, delta_c, delta_s, out_c, out_s))
+    blockable = last and all(t.is_contiguous() for t in (base, delta_c, delta_s, out))
     step = max(1, block_bytes // (4 * channels)) if block_bytes and blockable else rows
     if step >= rows:
-        f_c, f_s = torch.add(base, delta_c, out=out_c), torch.add(base, delta_s, out=out_s)
-        return kl_score_per_row(f_c, delta_c, channel_dim), kl_score_per_row(f_s, delta_s, channel_dim)
+        torch.add(base, delta_c, out=out[0])
+        torch.add(base, delta_s, out=out[1])
+        both_dim = channel_dim if channel_dim < 0 else channel_dim + 1
+        unnormalised, total, lse_hat = softmax_parts(out, both_dim)
+        unnormalised[0].mul_(delta_c)
+        unnormalised[1].mul_(delta_s)
+        terms = unnormalised.sum(both_dim, keepdim=True).div_(total).sub_(lse_hat)
+        means = terms.reshape(2, base.shape[0], -1).mean(2, dtype=torch.float64)
+        return means[0], means[1]
     f = base.view(rows, channels)
-    branches = ((delta_c.view(rows, channels), out_c.view(rows, channels)),
-                (delta_s.view(rows, channels), out_s.view(rows, channels)))
+    branches = ((delta_c.view(rows, channels), out[0].view(rows, channels)),
+                (delta_s.view(rows, channels), out[1].view(rows, channels)))
     terms = torch.empty((2, rows, 1), dtype=torch.float32, device=base.device)
     for start in range(0, rows, step):
         block = slice(start, min(rows, start + step))
-        for branch, (d, out) in enumerate(branches):
-            f_hat = torch.add(f[block], d[block], out=out[block])
+        for branch, (d, branch_out) in enumerate(branches):
+            f_hat = torch.add(f[block], d[block], out=branch_out[block])
             terms[branch, block] = _kl_terms(f_hat, d[block], -1)
     rows_of_batch = terms.view(2, base.shape[0], -1)
     return _row_means64(rows_of_batch[0]), _row_means64(rows_of_batch[1])
@@ -170,7 +179,7 @@ def kept_rows(choose: torch.Tensor, f_c: torch.Tensor, f_s: torch.Tensor) -> tor
     """
     if choose.device.type != "cpu":
         return torch.where(choose.reshape(-1, *([1] * (f_c.dim() - 1))), f_c, f_s)
-    style_rows = (~choose).nonzero().flatten().tolist()
+    style_rows = [row for row, subject in enumerate(choose.reshape(-1).tolist()) if not subject]
     if not style_rows:
         return f_c
     if len(style_rows) == choose.numel():

@@ -336,8 +336,9 @@ class FuseSession:
             # the branch outputs F_c, F_s serve both the criterion and the result: the kept rows are taken from them
             # (same bits as y + where(keep, d_c, d_s), and y's layout: a conv in channels_last keeps it)
             if self.criterion == "kl" and y.dim() >= 2 and y.is_contiguous():   # written and scored together,
-                f_c, f_s = torch.empty_like(y), torch.empty_like(y)             # block by block when large
-                choose = choose_subject(*kl_scores_with_outputs(y, d_c, d_s, f_c, f_s, cdim))
+                f_both = y.new_empty((2,) + tuple(y.shape))                      # block by block when large
+                choose = choose_subject(*kl_scores_with_outputs(y, d_c, d_s, f_both, cdim))
+                f_c, f_s = f_both[0], f_both[1]
             else:
                 f_c, f_s = y + d_c, y + d_s
                 choose = choose_subject(*selection_scores(self.criterion, y, f_c, f_s, cdim, d_c, d_s))

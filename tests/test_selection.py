@@ -156,8 +156,8 @@ def test_blocked_kl_scores_are_the_whole_tensor_bits(shape):
     base = 4.0 * torch.randn(shape, generator=g)
     d_c, d_s = torch.randn(shape, generator=g), 0.5 * torch.randn(shape, generator=g)
     whole, blocked = torch.empty((2,) + shape), torch.full((2,) + shape, float("nan"))
-    ref = sel.kl_scores_with_outputs(base, d_c, d_s, whole[0], whole[1], -1)           # small: one block
-    got = sel.kl_scores_with_outputs(base, d_c, d_s, blocked[0], blocked[1], -1, block_bytes=4 * 16 * 5)
+    ref = sel.kl_scores_with_outputs(base, d_c, d_s, whole, -1)           # small: one block
+    got = sel.kl_scores_with_outputs(base, d_c, d_s, blocked, -1, block_bytes=4 * 16 * 5)
     assert torch.equal(blocked, whole) and torch.equal(whole[0], base + d_c) and torch.equal(whole[1], base + d_s)
     for g_, r_, s_ in zip(got, ref, sel.selection_scores("kl", base, base + d_c, base + d_s, -1, d_c, d_s)):
         assert g_.dtype == torch.float64 and torch.equal(g_, r_) and torch.equal(g_, s_)
@@ -169,7 +169,7 @@ def test_blocked_kl_scores_leave_conv_outputs_whole():
     base = torch.randn(2, 6, 4, 5, generator=g)
     d_c, d_s = torch.randn(2, 6, 4, 5, generator=g), torch.randn(2, 6, 4, 5, generator=g)
     out = torch.empty((2,) + tuple(base.shape))
-    got = sel.kl_scores_with_outputs(base, d_c, d_s, out[0], out[1], 1, block_bytes=4 * 6)
+    got = sel.kl_scores_with_outputs(base, d_c, d_s, out, 1, block_bytes=4 * 6)
     ref = sel.selection_scores("kl", base, base + d_c, base + d_s, 1, d_c, d_s)
     assert torch.equal(out[0], base + d_c) and torch.equal(out[1], base + d_s)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])

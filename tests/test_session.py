@@ -463,11 +463,37 @@ def test_record_under_inference_mode_and_host_decisions():
     assert _same(record.uncond, [[math.nan, 0.5], [0.25, math.nan]])
 
 
+def test_record_counts_are_exact_across_queue_flushes(monkeypatch):
+    """Choices are queued and added up in bulk: the shares are the same whether a flush falls between calls
+    (every 3 choices here, partly under inference mode) or happens only when the record is read."""
+    from lib_dynfuse import record as record_module
+    g = _g(5)
+    calls = [(step, layer, torch.rand(4, generator=g) < 0.5) for step in (0, 2) for layer in (0, 1, 2) for _ in range(3)]
+    labels = ["uncond", "uncond", "cond", "cond"]
+    cond_count, uncond_count = torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64)
+    for step, layer, choose in calls:   # 3 calls x 2 rows of each label per (step, layer)
+        uncond_count[step, layer] += int(choose[:2].sum())
+        cond_count[step, layer] += int(choose[2:].sum())
+    expected_cond, expected_uncond = cond_count / 6, uncond_count / 6
+    for flush_every in (3, 10_000):
+        monkeypatch.setattr(record_module, "FLUSH_EVERY", flush_every)
+        record = SelectionRecord(["a", "b", "c"])
+        for i, (step, layer, choose) in enumerate(calls):
+            with torch.inference_mode(i % 2 == 0):
+                record.add_rows(step, layer, choose, labels)
+        assert torch.equal(record.cond[[0, 2]], expected_cond[[0, 2]])
+        assert torch.equal(record.uncond[[0, 2]], expected_uncond[[0, 2]])
+        assert record.cond[1].isnan().all()
+
+
 @pytest.mark.parametrize("method,criterion", [("dynamic", "kl"), ("dynamic", "js"), ("dynamic", "cosine"),
                                               ("dynamic", "dot"), ("klora", "kl"), ("merge", "kl")])
-def test_hooks_never_read_tensor_values(method, criterion):
+def test_hooks_never_read_tensor_values(method, criterion, monkeypatch):
     """On the meta device a tensor has no values: any .item(), bool(tensor) or copy to the host would raise,
-    so passing here shows the hook path makes no host-device sync (recording included)."""
+    so passing here shows the hook path makes no host-device sync (recording included: every choice is added
+    into the counts as it is queued)."""
+    from lib_dynfuse import record
+    monkeypatch.setattr(record, "FLUSH_EVERY", 1)
     lin = torch.nn.Linear(6, 8, device="meta")
     conv = torch.nn.Conv2d(3, 4, 3, padding=1, device="meta")
     targets = [FuseTarget("l", lin, _linear_delta(8, 6, 2, 1), _linear_delta(8, 6, 3, 2)),
