@@ -40,7 +40,7 @@ if sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ and _
 
 import torch  # noqa: E402
 
-from bench import guidance_cases, memory, models  # noqa: E402
+from bench import guidance_cases, layer_overhead, memory, models  # noqa: E402
 from bench.flops import case_flops  # noqa: E402
 from bench.loras import MergedWeights, write_pair  # noqa: E402
 from bench.report import Row, json_ratios, markdown_table, targets_summary  # noqa: E402
@@ -153,6 +153,19 @@ def bench_shape(kind: str, latent: int, plan: Plan, args, folder: str) -> Dict:
     return {"rows": rows, "extra": extra, "memory": mem, "main_rank": plan.main_rank}
 
 
+def layers_line(layers: Dict[str, float]) -> str:
+    if not layers:
+        return ""
+    parts = []
+    for kind in ("linear", "conv1x1"):
+        extra = ", ".join(f"{m} +{layers[f'layer_{kind}_{m}_extra_us']:.0f}" for m in ("dynamic", "klora", "merge")
+                          if f"layer_{kind}_{m}_extra_us" in layers)
+        parts.append(f"{kind} {layers.get(f'layer_{kind}_plain_us', 0):.0f} us plain, {extra}")
+    return ("\nFixed cost of a fused layer call (a tiny layer: op dispatch and Python only; on a GPU, the host-side "
+            "cost of each of the 192 fused layers of an SD1.5 UNet call), microseconds on this CPU: "
+            + "; ".join(parts) + "\n")
+
+
 def machine() -> str:
     model = platform.processor() or platform.machine()
     try:
@@ -176,8 +189,8 @@ def parse(argv: Optional[Sequence[str]] = None):
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="SD1.5 shapes at 32x32, rank 64 (default)")
     mode.add_argument("--full", action="store_true", help="SD1.5 64x64 and SDXL 128x128 (GPU), ranks 4-128")
-    p.add_argument("--parts", default="unet,guidance,references,memory",
-                   help="comma list of unet, guidance, references, memory")
+    p.add_argument("--parts", default="unet,guidance,references,memory,layers",
+                   help="comma list of unet, guidance, references, memory, layers (fixed cost per fused layer call)")
     p.add_argument("--rounds", type=int, help="timed rounds per case (quick 4, full 5)")
     p.add_argument("--heavy-rounds", type=int, help="rounds for the full-VAE and x_t guidance steps")
     p.add_argument("--ranks", help="comma list of LoRA ranks (quick 64, full 4,16,64,128)")
@@ -225,13 +238,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
         f"{args.threads} threads, shapes {plan.shapes}, ranks {plan.ranks}; load average {load_before}")
     results = {}
     with tempfile.TemporaryDirectory(prefix="dynfuse-bench-") as folder:
-        for kind, latent in plan.shapes:
+        for kind, latent in plan.shapes if set(args.parts) - {"layers"} else []:
             results[f"{kind}{latent}"] = bench_shape(kind, latent, plan, args, folder)
+    layers: Dict[str, float] = {}
+    if "layers" in args.parts:
+        log(f"fused layer fixed cost, {plan.rounds} rounds")
+        layers = layer_overhead.extra_microseconds(plan.rounds, log)
     minutes = (time.perf_counter() - started) / 60
     header = (f"{when}; {machine()}; torch {torch.__version__}, {args.threads} threads, {args.device} {args.dtype}; "
               f"load average before {load_before}, after {load_average()}; {minutes:.1f} min")
-    table = markdown_table(results, header)
-    ratios = json_ratios(results)
+    table = markdown_table(results, header) + layers_line(layers)
+    ratios = dict(json_ratios(results), **layers)
     print(table)
     print(targets_summary(ratios))
     if args.results:

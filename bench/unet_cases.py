@@ -1,8 +1,10 @@
 """Per-UNet-call cases: no LoRA, the merged floor, and lib_dynfuse's methods (dynamic x criteria, klora, merge).
 
-Each fused case opens a `lib_dynfuse.fuse(...)` session around its call, as a host does per generation, and
-sets the step from the round (klora's schedule changes with it). Session setup (target resolution, K-LoRA's
-top-K sums, cached per LoRA pair after the first time) is timed apart, once per method, by `setup_seconds`.
+Each fused case keeps one `lib_dynfuse.fuse(...)` session for the whole run, as a host keeps one per generation,
+opens it around every call, as a host does every step, and sets the step from the round (klora's schedule
+changes with it). What a generation pays once is timed apart by `setup_seconds`: target resolution, K-LoRA's
+top-K sums (cached per LoRA pair after the first time), and casting the deltas to the UNet's dtype (the
+session keeps the cast copies; here it is done at the case's untimed priming call on a small latent).
 """
 from __future__ import annotations
 
@@ -22,22 +24,6 @@ def unet_call(unet, inputs: Dict) -> torch.Tensor:
     """One noise prediction, batch = cond + uncond rows, under inference mode (as the hosts sample)."""
     with torch.inference_mode():
         return unet(**inputs).sample
-
-
-def fused_scope(unet, loras, method: str, criterion: str, holder: Dict, weight_space: bool = False):
-    """A context manager factory: lib_dynfuse.fuse(...) opened for one timed call, the session in holder."""
-    from lib_dynfuse import fuse
-
-    @contextlib.contextmanager
-    def scope():
-        with fuse(unet, loras[0], loras[1], method=method, criterion=criterion,
-                  weight_space=weight_space) as session:
-            holder["session"] = session
-            try:
-                yield session
-            finally:
-                holder.pop("session", None)
-    return scope
 
 
 def unet_cases(unet, inputs: Dict, pairs: Dict[int, LoraPair], merged: Dict[int, MergedWeights],
@@ -69,12 +55,13 @@ def unet_cases(unet, inputs: Dict, pairs: Dict[int, LoraPair], merged: Dict[int,
 
 
 def _fused_case(unet, inputs, loras, method, criterion, name, floor, weight_space=False) -> Case:
-    holder: Dict = {}
+    from lib_dynfuse import fuse
+    session = fuse(unet, loras[0], loras[1], method=method, criterion=criterion, weight_space=weight_space)
     opened = {"count": 0}
 
     @contextlib.contextmanager
     def scope():
-        with fused_scope(unet, loras, method, criterion, holder, weight_space)() as session:
+        with session:
             if weight_space:   # baked weights change only when the step does: set it here, untimed
                 session.set_step(opened["count"] % STEPS, STEPS)
             opened["count"] += 1
@@ -82,19 +69,33 @@ def _fused_case(unet, inputs, loras, method, criterion, name, floor, weight_spac
 
     def call(round_index: int) -> None:
         if not weight_space:
-            holder["session"].set_step(round_index % STEPS, STEPS)
+            session.set_step(round_index % STEPS, STEPS)
         unet_call(unet, inputs)
+
+    if not weight_space:   # the first call of a generation casts the deltas: done here, on an 8x8 latent
+        with session:
+            unet_call(unet, dict(inputs, sample=inputs["sample"][..., :8, :8]))
     return Case(name, call, scope, floor=floor)
 
 
 def setup_seconds(unet, pair: LoraPair, methods: Sequence[str]) -> Dict[str, float]:
     """Seconds from two LoraFiles to an open session, per method: first time (K-LoRA computes its sums) and
-    again (its cache hits); loading the files is timed once as `load`."""
+    again (its cache hits); loading the files is timed once as `load`, and casting every delta to the UNet's
+    device and dtype (what the first call of a generation does) as `cast`."""
     from lib_dynfuse import fuse
+    from lib_dynfuse.lowrank import prepare_delta
     out: Dict[str, float] = {}
     t0 = time.perf_counter()
     loras = pair.load()
     out["load"] = time.perf_counter() - t0
+    weight = next(unet.parameters())
+    targets = fuse(unet, loras[0], loras[1]).targets
+    t0 = time.perf_counter()
+    for t in targets:
+        for delta in (t.subject, t.style):
+            if delta is not None:
+                prepare_delta(delta, t.module, weight.device, weight.dtype)
+    out["cast"] = time.perf_counter() - t0
     for name in methods:   # "klora", "merge_baked", ...: a _baked name times baking the weights (once per generation)
         method, baked = name.replace("_baked", ""), name.endswith("_baked")
         for label in ("first", "again"):

@@ -99,9 +99,10 @@ def _pointwise_low_rank(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, l
     blocked layout every call): 5.1 against 2.2 ms for SD1.5's proj_in at 32x32, batch 2, rank 64.
     """
     down2, up2 = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
-    if layout == "nchw":   # W_down [r, C] @ x [B, C, H*W], then W_up [C_out, r] @ that
+    if layout == "nchw":   # W_down [r, C] @ x [B, C, H*W], then W_up [C_out, r] @ that (bmm: fewer ops than matmul)
         b, c, h, w = x.shape
-        return torch.matmul(up2, torch.matmul(down2, x.reshape(b, c, h * w))).reshape(b, up2.shape[0], h, w)
+        low = torch.bmm(down2.expand(b, *down2.shape), x.reshape(b, c, h * w))
+        return torch.bmm(up2.expand(b, *up2.shape), low).reshape(b, up2.shape[0], h, w)
     # channels_last: a linear over the last dim of the contiguous [B, H, W, C] view; moved back it is channels_last
     return F.linear(F.linear(x.movedim(1, -1), down2), up2).movedim(-1, 1)
 
