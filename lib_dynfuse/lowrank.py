@@ -61,9 +61,6 @@ def delta_output(delta: LayerDelta, x: torch.Tensor, module: torch.nn.Module) ->
         x, params = _conv_input(x, module, params)
         if not delta.is_low_rank:
             return F.conv2d(x, delta.dense, None, **params)
-        layout = None if delta.mid is not None else _pointwise_layout(x, delta.down, params)
-        if layout is not None:
-            return _scaled(_pointwise_low_rank(x, delta.down, delta.up, layout), delta.scale)
         if delta.mid is not None:
             # CP/Tucker: 1x1 down to rank, the kxk core with the layer's geometry, 1x1 up
             h = F.conv2d(x, delta.down)
@@ -74,37 +71,6 @@ def delta_output(delta: LayerDelta, x: torch.Tensor, module: torch.nn.Module) ->
     if not delta.is_low_rank:
         return F.linear(x, delta.dense)
     return _scaled(F.linear(F.linear(x, delta.down), delta.up), delta.scale)
-
-
-def _pointwise_layout(x: torch.Tensor, down: torch.Tensor, params: dict) -> Optional[str]:
-    """"nchw" / "nhwc" where the low-rank conv is a per-pixel map of the channels (1x1 down kernel, stride 1, no
-    padding) and the batched input [B, C, H, W] is contiguous or channels_last; None: run it as a conv."""
-    def flat(v):
-        return v if isinstance(v, (tuple, list)) else (v,)
-
-    padding = params["padding"]
-    unpadded = padding in ("valid", "same") if isinstance(padding, str) else all(int(p) == 0 for p in flat(padding))
-    if tuple(down.shape[2:]) != (1, 1) or not unpadded or any(int(s) != 1 for s in flat(params["stride"])) \
-            or x.dim() != 4:
-        return None
-    if x.is_contiguous():
-        return "nchw"
-    return "nhwc" if x.is_contiguous(memory_format=torch.channels_last) else None
-
-
-def _pointwise_low_rank(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, layout: str) -> torch.Tensor:
-    """1x1 conv down then 1x1 conv up as two matmuls over the channels, in x's memory format.
-
-    Why: on the CPU, oneDNN runs a rank-r 1x1 conv at well under a matmul's speed (it reorders its input into a
-    blocked layout every call): 5.1 against 2.2 ms for SD1.5's proj_in at 32x32, batch 2, rank 64.
-    """
-    down2, up2 = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
-    if layout == "nchw":   # W_down [r, C] @ x [B, C, H*W], then W_up [C_out, r] @ that (bmm: fewer ops than matmul)
-        b, c, h, w = x.shape
-        low = torch.bmm(down2.expand(b, *down2.shape), x.reshape(b, c, h * w))
-        return torch.bmm(up2.expand(b, *up2.shape), low).reshape(b, up2.shape[0], h, w)
-    # channels_last: a linear over the last dim of the contiguous [B, H, W, C] view; moved back it is channels_last
-    return F.linear(F.linear(x.movedim(1, -1), down2), up2).movedim(-1, 1)
 
 
 def _scaled(h: torch.Tensor, scale: float) -> torch.Tensor:

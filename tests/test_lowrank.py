@@ -110,8 +110,8 @@ def test_conv_locon_equals_merged_weight(name):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "unbatched"])
 def test_pointwise_conv_delta_in_every_layout(layout):
-    # a 1x1 LoCon (SD1.5's proj_in/proj_out) runs as matmuls over the channels for contiguous and channels_last
-    # inputs, and as a conv otherwise: the same values as the merged weight, in the layout the conv itself returns
+    # a 1x1 LoCon (SD1.5's proj_in/proj_out): the same values as the merged weight, in the layout the conv itself
+    # returns, for every input layout (the next layers round by layout)
     module = torch.nn.Conv2d(4, 5, 1).to(D)
     delta = LayerDelta(down=_rand(2, 4, 1, 1, seed=1), up=_rand(5, 2, 1, 1, seed=2), scale=0.5)
     dw = (delta.up.flatten(1) @ delta.down.flatten(1)).reshape(5, 4, 1, 1) * 0.5
