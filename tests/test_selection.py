@@ -148,14 +148,16 @@ def test_equal_deltas_score_equal_bits_in_either_layout():
         assert torch.equal(z_c, -lse.reshape(2, -1).double().mean(1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(3, 37, 16), (5, 16)])
-def test_blocked_kl_scores_are_the_whole_tensor_bits(shape):
+def test_blocked_kl_scores_are_the_whole_tensor_bits(shape, dtype):
     """Token blocks (here 5 rows of 16 channels, the last block short) write the same F_c, F_s and give the
-    same scores, bit for bit, as one pass over the whole output and as `selection_scores`."""
+    same scores, bit for bit, as one pass over the whole output and as `selection_scores` (also for a float64
+    layer, whose dF is rounded to float32 before it weighs the float32 softmax, as in `_kl_terms`)."""
     g = torch.Generator().manual_seed(21)
-    base = 4.0 * torch.randn(shape, generator=g)
-    d_c, d_s = torch.randn(shape, generator=g), 0.5 * torch.randn(shape, generator=g)
-    whole, blocked = torch.empty((2,) + shape), torch.full((2,) + shape, float("nan"))
+    base = 4.0 * torch.randn(shape, generator=g, dtype=dtype)
+    d_c, d_s = torch.randn(shape, generator=g, dtype=dtype), 0.5 * torch.randn(shape, generator=g, dtype=dtype)
+    whole, blocked = torch.empty((2,) + shape, dtype=dtype), torch.full((2,) + shape, float("nan"), dtype=dtype)
     ref = sel.kl_scores_with_outputs(base, d_c, d_s, whole, -1)           # small: one block
     got = sel.kl_scores_with_outputs(base, d_c, d_s, blocked, -1, block_bytes=4 * 16 * 5)
     assert torch.equal(blocked, whole) and torch.equal(whole[0], base + d_c) and torch.equal(whole[1], base + d_s)
