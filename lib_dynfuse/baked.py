@@ -128,3 +128,15 @@ def baked_deltas(target: FuseTarget, mode: str, keep_subject: Optional[bool]) ->
     if mode == "merge":
         return [target.subject, target.style]
     return [target.subject if keep_subject else target.style]
+
+
+def constant_deltas(target: FuseTarget, method: str, te_mode: str = "select") -> Optional[List[LayerDelta]]:
+    """The deltas a target adds on every call, whatever the input and the step: its one LoRA, or both where
+    they are merged (`merge`, or a text encoder in te mode 'merge'); None where the kept branch is chosen per
+    call (`dynamic`: by the input, `klora`: by the step) or the layer is left out (te mode 'off')."""
+    if target.group == "te" and te_mode == "off":
+        return None
+    if not target.is_shared:
+        return [target.subject if target.subject is not None else target.style]
+    merged = te_mode == "merge" if target.group == "te" and te_mode != "select" else method == "merge"
+    return [target.subject, target.style] if merged else None

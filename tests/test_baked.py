@@ -193,3 +193,20 @@ def test_a_weight_rewritten_by_another_component_is_left_as_it_set_it():
         chosen = klora[0].subject if keep_subject else klora[0].style
         assert torch.equal(lin2.weight, their_state + _dense(chosen))
     assert torch.equal(lin2.weight, their_state) and session.rewritten_layers == ["l0"]
+
+
+def test_constant_deltas_are_those_no_input_or_step_can_change():
+    """A layer one LoRA touches: that delta, for every method; a shared layer: both for `merge` (or a text
+    encoder in te mode 'merge'), none for `dynamic`/`klora` (the choice is per call); te mode 'off': none."""
+    from lib_dynfuse.baked import constant_deltas
+    m = torch.nn.Linear(3, 3)
+    c, s = LayerDelta(down=torch.ones(1, 3), up=torch.ones(3, 1)), LayerDelta(down=torch.ones(1, 3), up=torch.ones(3, 1))
+    shared, lone = FuseTarget("a", m, c, s), FuseTarget("b", m, None, s)
+    te_shared, te_lone = FuseTarget("t", m, c, s, group="te"), FuseTarget("u", m, c, None, group="te")
+    for method in ("dynamic", "klora", "merge"):
+        assert constant_deltas(lone, method)[0] is s and len(constant_deltas(lone, method)) == 1
+        assert constant_deltas(te_lone, method, "select")[0] is c and constant_deltas(te_lone, method, "off") is None
+        assert constant_deltas(te_shared, method, "merge") == [c, s] and constant_deltas(te_shared, method, "off") is None
+    assert constant_deltas(shared, "merge") == [c, s] and constant_deltas(te_shared, "merge", "select") == [c, s]
+    for method in ("dynamic", "klora"):
+        assert constant_deltas(shared, method) is None and constant_deltas(te_shared, method, "select") is None

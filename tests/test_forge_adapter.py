@@ -6,6 +6,7 @@ patcher (hooks gone after every call, also when the model raises; chained wrappe
 from the denoiser, reset per pass with hires' three process_before_every_sampling calls), inference mode, the
 fused LoRAs kept out of Forge's weight merge, and the text-encoder hooks around setup_conds.
 """
+import dataclasses
 import importlib
 import os
 import sys
@@ -336,6 +337,114 @@ def test_fused_loras_never_reach_forges_weight_merge(fh, sd15_files):
     assert any("also fused" in m for m in run.messages)
 
 
+# ---------------------------------------------------------------------------- constant deltas: Forge's own merge
+def _dense(delta, like):
+    return delta.dense_weight().reshape(like.shape)
+
+
+def test_merge_goes_to_forges_weight_merge_and_the_next_job_gets_the_weights_back(fh, sd15_files):
+    """`merge` depends on neither the input nor the step: both LoRAs become two Forge patch sets on a cloned
+    patcher (no wrapper, no hooks), which Forge merges into W + dW_c + dW_s when it loads the UNet
+    (LoraLoader.refresh); the output is the forward-time merge's up to rounding, and the next job without the
+    patches (the host's own patcher) gets every weight back bit for bit."""
+    host, run, p, unet = _host_and_p(fh, sd15_files, method="merge", subject="subject", style="style",
+                                     style_weight=0.5)
+    before = {k: v.clone() for k, v in unet.model.state_dict().items()}
+    original = p.sd_model.forge_objects.unet
+    assert host.before_sampling(p, run) is None
+    patched = p.sd_model.forge_objects.unet
+    assert patched is not original and original.lora_patches == {}
+    assert "model_function_wrapper" not in patched.model_options
+    names = [k[0] for k in patched.lora_patches]
+    assert len(names) == 2 and names[0].startswith("DynFuse subject subject") and "x0.5" in names[1]
+    targets = [t for t in run.prepare(p) if t.group == "unet"]
+    assert run.host_applied["unet"] == {t.name for t in targets} and run.forward_targets(targets) == []
+
+    patched.refresh_loras()                               # the load (memory_management.py:518)
+    state = unet.model.state_dict()
+    for t in targets:
+        key = forge.UNET_PREFIX + t.name + ".weight"
+        expected = before[key] + _dense(t.subject, before[key]) + _dense(t.style, before[key])
+        torch.testing.assert_close(state[key], expected, rtol=1e-6, atol=1e-6)
+    x, ctx = _inputs()
+    forge_merged = torch.cat(_sample_step(fh, p, x, ctx))
+    assert _hook_counts(unet.model) == 0
+
+    original.refresh_loras()                              # the next job, without the patches
+    assert all(torch.equal(v, before[k]) for k, v in unet.model.state_dict().items())
+    from lib_dynfuse.session import FuseSession
+    with FuseSession(targets, method="merge"):            # the same merge, forward-time
+        forward_time = torch.cat(_sample_step(fh, p, x, ctx))
+    torch.testing.assert_close(forge_merged, forward_time, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(forge_merged, torch.cat(_sample_step(fh, p, x, ctx)))   # the merge changes the image
+
+
+@pytest.mark.parametrize("method", ["dynamic", "klora"])
+def test_layers_one_lora_touches_go_to_forges_merge_for_every_method(fh, sd15_files, method):
+    """A layer only one LoRA touches takes that LoRA's delta whatever the method: it goes to Forge's merge (the
+    subject's set only, here), the hooks cover the other layers, and the output equals fusing every layer
+    forward-time up to rounding."""
+    host, run, p, unet = _host_and_p(fh, sd15_files, method=method, subject="subject", style="style")
+    targets = run.prepare(p)
+    unet_indices = [i for i, t in enumerate(targets) if t.group == "unet"]
+    for i in unet_indices[:3]:                            # the style LoRA leaves these layers alone
+        targets[i] = dataclasses.replace(targets[i], style=None)
+    lone = {targets[i].name for i in unet_indices[:3]}
+    hooks = host.before_sampling(p, run)
+    patched = p.sd_model.forge_objects.unet
+    assert hooks is not None and run.host_applied["unet"] == lone
+    (identity, patches), = patched.lora_patches.items()
+    assert identity[0].startswith("DynFuse subject") and "one-LoRA layers" in identity[0]
+    assert set(patches) == {forge.UNET_PREFIX + n + ".weight" for n in lone}
+    patched.refresh_loras()
+    x, ctx = _inputs()
+    got = torch.cat(_sample_step(fh, p, x, ctx))
+    assert {t.name for t in hooks.session.targets} == {targets[i].name for i in unet_indices[3:]}
+    p.sd_model.forge_objects.unet = unet                  # the next job, without the patches
+    unet.refresh_loras()
+    from lib_dynfuse.session import FuseSession
+    p.sampler.model_wrap_cfg.step = 0
+    session = FuseSession([t for t in targets if t.group == "unet"], method=method)
+    session.set_step(0, 3)
+    session.set_row_labels(["uncond", "cond"])
+    with session:
+        reference = torch.cat(_sample_step(fh, p, x, ctx))
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_patch_sets_take_forges_online_mode_as_lora_tags_do(fh, sd15_files):
+    """Online LoRA (the UI's low-bit option) only for weights not stored as fp32/fp16/bf16, as for <lora>
+    (sd_forge_lora/networks.py:102-105); the mode is the last item of each patch set's key (base.py:92)."""
+    args = importlib.import_module("backend.args")
+    unet = types.SimpleNamespace(model=types.SimpleNamespace(storage_dtype=torch.float8_e4m3fn))
+    assert forge.lora_online_mode(unet) is False
+    args.dynamic_args["online_lora"] = True
+    try:
+        assert forge.lora_online_mode(unet) is True
+        unet.model.storage_dtype = torch.float16
+        assert forge.lora_online_mode(unet) is False
+        host, run, p, _ = _host_and_p(fh, sd15_files, method="merge", subject="subject", style="style")
+        p.sd_model.forge_objects.unet.model.storage_dtype = torch.float8_e4m3fn
+        host.before_sampling(p, run)
+        assert [k[3] for k in p.sd_model.forge_objects.unet.lora_patches] == [True, True]
+    finally:
+        del args.dynamic_args["online_lora"]
+
+
+def test_patch_set_names_change_with_what_the_deltas_are_made_of():
+    """Forge re-merges only when the names of the patch sets change (LoraLoader.refresh): every input of the
+    deltas is in the name (LoRA, its hash, weight, and which layers the method leaves to Forge)."""
+    def names(**kw):
+        run = common.FuseRun(None, ui_args=FuseArgs(enabled=True, **dict(dict(subject="a", style="b"), **kw)))
+        run.hashes = {"subject": "h1", "style": "h2"}
+        return forge.patch_identities(run)
+    base = names()
+    assert base[0] != base[1] and "h1" in base[0] and "h2" in base[1]
+    for changed in (names(subject="c"), names(style_weight=0.5), names(subject_weight=0.8), names(method="merge")):
+        assert changed != base
+    assert names(method="klora") == base and names(criterion="js") == base   # same one-LoRA layers, same deltas
+
+
 # ---------------------------------------------------------------------------- text encoder
 def test_text_encoder_hooks_live_only_inside_setup_conds(fh, sd15_files):
     host, run, p, unet = _host_and_p(fh, sd15_files, subject="subject", style="zero")
@@ -367,6 +476,38 @@ def test_text_encoder_hooks_live_only_inside_setup_conds(fh, sd15_files):
     assert torch.equal(seen["out"], ref)
     host.uninstall(p)
     assert "_dynfuse_wrapped" not in p.__dict__
+
+
+def test_text_encoder_merge_goes_to_forges_clip_merge(fh, sd15_files):
+    """Text-encoder layers whose deltas are constant (here `merge`) become patch sets on a clone of
+    forge_objects.clip before setup_conds, so Forge merges them when it loads the CLIP: no hooks, the
+    forward-time merge's output up to rounding, and the CLIP's weights back bit for bit for the next job."""
+    host, run, p, unet = _host_and_p(fh, sd15_files, method="merge", subject="subject", style="zero")
+    original = p.sd_model.forge_objects.clip
+    te = original.cond_stage_model["clip_l"].transformer
+    before = {k: v.clone() for k, v in te.state_dict().items()}
+    ids = torch.tensor([[1, 5, 9, 2]])
+    seen = {}
+
+    def setup_conds():   # Forge loads the CLIP (and merges its patches) when it encodes
+        p.sd_model.forge_objects.clip.patcher.refresh_loras()
+        seen["hooks"] = _hook_counts(te)
+        seen["out"] = te(input_ids=ids).last_hidden_state
+    p.setup_conds = setup_conds
+    host.install(p, run)
+    p.setup_conds()
+    te_targets = [t for t in run.prepare(p) if t.group == "te"]
+    assert te_targets and run.host_applied["te"] == {t.name for t in te_targets} and seen["hooks"] == 0
+    clone = p.sd_model.forge_objects.clip
+    assert clone is not original and original.patcher.lora_patches == {} and len(clone.patcher.lora_patches) == 2
+    original.patcher.refresh_loras()                      # the next job, without the patches
+    assert all(torch.equal(v, before[k]) for k, v in te.state_dict().items())
+    from lib_dynfuse.session import FuseSession
+    with FuseSession(te_targets, method="merge"):
+        forward_time = te(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(seen["out"], forward_time, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(forward_time, te(input_ids=ids).last_hidden_state)
+    host.uninstall(p)
 
 
 def test_detection_by_feature(fh):

@@ -43,7 +43,7 @@ import contextlib
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Set, Tuple
 
 import torch
 
@@ -318,6 +318,7 @@ class FuseRun:
         self.fused_names: Tuple[str, ...] = ()
         self.suppressed: List[str] = []
         self.installed = False
+        self.host_applied: Dict[str, Set[str]] = {}   # group -> targets the host's own weight merge applies
 
     # ------------------------------------------------------------------ arguments
     @property
@@ -403,6 +404,10 @@ class FuseRun:
         except FuseInputError as e:
             return f"{e} - the image was generated without fusion"
 
+    def forward_targets(self, targets: Optional[Sequence[FuseTarget]]) -> List[FuseTarget]:
+        """The targets DynFuse applies itself (hooks or baked weights): all but those the host merges."""
+        return [t for t in targets or [] if t.name not in self.host_applied.get(t.group, ())]
+
     def exclude_duplicates(self, p: Any) -> None:
         """A `<lora:x>` of a fused LoRA would apply it twice: keep it out of the host's own LoRA support."""
         if not self.enabled or not self.fused_names:
@@ -448,7 +453,7 @@ class FuseRun:
             yield None
             return
         self.exclude_duplicates(p)
-        chosen = [t for t in targets if t.group == group]
+        chosen = [t for t in self.forward_targets(targets) if t.group == group]
         if not chosen:
             yield None
             return

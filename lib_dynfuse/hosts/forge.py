@@ -1,12 +1,14 @@
 """Stable Diffusion WebUI Forge adapter (`ForgeHost`, see common.py's HostAdapter): Forge's own LoRA parser ->
-LayerDeltas, hooks per UNet call.
+LayerDeltas; Forge's own weight merge for constant deltas, hooks per UNet call for the others.
 
 Forge merges every LoRA into the weights; its `backend.operations.Linear` is not an `nn.Linear`; it samples
 under `torch.inference_mode()`. So (host facts: shared/reference/webui-forge.md, real-host-facts.md):
 - the two fused LoRAs are read with Forge's parser (`load_lora` + `model_lora_keys_unet/clip`, a fresh key-map
   dict on every call: the defaults are shared mutable dicts) and become LayerDeltas; targets are found by the
   key map's model key, never by module type;
-- they never reach Forge's weight merge: their patches are dropped from the cloned patchers;
+- a `<lora:...>` tag naming a fused LoRA has its patches dropped from the cloned patchers; the deltas that do
+  not depend on the input or the step (`constant_deltas`) go to Forge's own weight merge instead, as DynFuse's
+  own patch sets (`add_constant_patches`), and only the others are hooked;
 - the forward hooks live only inside one UNet call: a wrapper on a *cloned* UnetPatcher
   (`set_model_unet_function_wrapper`, backend/patcher/base.py:146), called as
   `wrapper(apply_model, {"input", "timestep", "c", "cond_or_uncond"})` (backend/sampling/sampling_function.py:270-273);
@@ -22,10 +24,11 @@ import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 
+from ..baked import constant_deltas
 from ..flux import join_slices
 from ..lora_file import check_safetensors
 from ..layer_delta import LayerDelta
@@ -289,6 +292,73 @@ def _has_patches_of(patcher: Any, filenames: Iterable[str]) -> bool:
                for k in getattr(patcher, "lora_patches", {}) or {})
 
 
+# ---------------------------------------------------------------------------- constant deltas: Forge's own merge
+def forge_patch_value(delta: LayerDelta):
+    """A LayerDelta as the patch value Forge merges (backend/patcher/lora.py:85-160): low rank as ("lora", (up,
+    down, alpha, mid, None)) with alpha = scale x rank (Forge scales by alpha / rank), dense as ("diff", (dW,))."""
+    if delta.is_low_rank:
+        return "lora", (delta.up, delta.down, delta.scale * delta.rank, delta.mid, None)
+    return "diff", (delta.dense if delta.scale == 1.0 else delta.dense * delta.scale,)
+
+
+def forge_patch_key(prefix: str, name: str, delta: LayerDelta):
+    """The patch-dict key of a layer: its model key, with (dim, offset, size) for a slice (split_patch_key)."""
+    model_key = prefix + name + ".weight"
+    if delta.out_slice is None:
+        return model_key
+    return model_key, (0, int(delta.out_slice[0]), int(delta.out_slice[1]))
+
+
+def lora_online_mode(unet: Any) -> bool:
+    """Whether Forge merges LoRA patches per forward, decided as for <lora> (sd_forge_lora/networks.py:102-105)."""
+    try:
+        from backend.args import dynamic_args
+        online = bool(dynamic_args.get("online_lora", False))
+    except ImportError:
+        online = False
+    if getattr(unet.model, "storage_dtype", None) in (torch.float32, torch.float16, torch.bfloat16):
+        online = False
+    return online
+
+
+def add_constant_patches(objects: Any, group: str, targets: Sequence[Any], args: Any,
+                         identities: Tuple[str, str]) -> Set[str]:
+    """Give Forge's own weight merge every delta of `group` that does not depend on the input or the step.
+
+    `constant_deltas`: all of them for `merge`, and for every method the layers only one LoRA touches. They
+    become two patch sets (subject, style) on a clone of `objects.unet` (group "unet", model keys under the
+    KModel) or `objects.clip` ("te", keys under its cond_stage_model), assigned back, so Forge merges them into
+    the weights when it loads that model, as it does for <lora>: each call then costs what the plain model
+    costs, and the weights come from <lora>'s own arithmetic. Forge keeps its own copy of the weights and puts it back when the
+    patches change, so the next job without them gets the weights back bit for bit. `identities` name the two
+    sets: Forge skips its re-merge while the names of the patch sets are unchanged (LoraLoader.refresh), so
+    they must change whenever the deltas do. Returns the names of the targets patched.
+    """
+    prefix = UNET_PREFIX if group == "unet" else ""
+    sets: Tuple[Dict[Any, Any], Dict[Any, Any]] = ({}, {})
+    names: Dict[Any, str] = {}
+    for t in targets:
+        deltas = constant_deltas(t, args.method, args.text_encoder) if t.group == group else None
+        for delta in deltas or []:
+            key = forge_patch_key(prefix, t.name, delta)
+            sets[0 if delta is t.subject else 1][key] = forge_patch_value(delta)
+            names[key] = t.name
+    holder = objects.unet if group == "unet" else getattr(objects, "clip", None)
+    if not names or holder is None:
+        return set()
+    clone = holder.clone()
+    patcher = clone if group == "unet" else clone.patcher
+    online = lora_online_mode(objects.unet)
+    taken = set()
+    for identity, patches in zip(identities, sets):
+        if patches:
+            taken |= set(patcher.add_patches(filename=identity, patches=patches, strength_patch=1.0,
+                                             strength_model=1.0, online_mode=online))
+    setattr(objects, "unet" if group == "unet" else "clip", clone)
+    refused = {name for key, name in names.items() if key not in taken}   # a layer is Forge's only if all its
+    return set(names.values()) - refused                                 # patches were taken
+
+
 # ---------------------------------------------------------------------------- per-call UNet hooks
 def row_labels(cond_or_uncond: Sequence[int], rows: int) -> List[str]:
     """Per batch row 'cond'/'uncond' from Forge's chunk codes (0 cond, 1 uncond; each chunk = rows/len rows)."""
@@ -489,6 +559,11 @@ class ForgeHost(common.WebUIHost):
         setup_conds = p.setup_conds
 
         def setup_conds_fused(*args, **kwargs):
+            targets = run.prepare(p)
+            if targets:
+                run.exclude_duplicates(p)
+                run.host_applied["te"] = add_constant_patches(p.sd_model.forge_objects, "te", targets, run.args,
+                                                              patch_identities(run))
             with run.scope(p, "te"):
                 self._publish(p, run)
                 return setup_conds(*args, **kwargs)
@@ -503,15 +578,29 @@ class ForgeHost(common.WebUIHost):
         return self.before_sampling(p, run)
 
     def before_sampling(self, p: Any, run: "common.FuseRun") -> Optional[PassHooks]:
-        """Script.process_before_every_sampling: the wrapper, for this pass, on a cloned UnetPatcher."""
+        """Script.process_before_every_sampling: the deltas that do not depend on the input go to Forge's own
+        merge as patches, the others get the wrapper, for this pass, on a cloned UnetPatcher."""
         targets = run.prepare(p)
         if not any(t.group == "unet" for t in targets or []):
             return None
         run.exclude_duplicates(p)
         self._publish(p, run)
+        run.host_applied["unet"] = add_constant_patches(p.sd_model.forge_objects, "unet", targets, run.args,
+                                                        patch_identities(run))
+        if not any(t.group == "unet" for t in run.forward_targets(targets)):
+            return None
         hooks = PassHooks(run, p, denoiser_progress(getattr(p, "sampler", None)))
         install_unet_wrapper(p.sd_model, hooks.call)
         return hooks
+
+
+def patch_identities(run: "common.FuseRun") -> Tuple[str, str]:
+    """Names of the subject and style patch sets: what the deltas are made of (see add_constant_patches)."""
+    a = run.args
+    which = "all layers" if a.method == "merge" else "one-LoRA layers"
+    which += f", te {a.text_encoder}"
+    return tuple(f"DynFuse {role} {name} {run.hashes.get(role, '')} x{weight} ({which})"
+                 for role, name, weight in (("subject", a.subject, a.subject_weight), ("style", a.style, a.style_weight)))
 
 
 _COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")

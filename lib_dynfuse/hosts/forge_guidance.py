@@ -185,7 +185,7 @@ class ForgeGuidance(A1111Guidance):
         private = state.get("private")
         if private is None or private.source is not unet.model:
             state["private"] = None       # free an old copy first
-            state["private"] = PrivateUNet(unet.model, grun.run.prepare(p) or [], grun.run.args)
+            state["private"] = PrivateUNet(unet.model, grun.run.forward_targets(grun.run.prepare(p)), grun.run.args)
         state["active"] = True
         try:
             with saved_activations_copied():

@@ -248,6 +248,17 @@ def test_zero_subject_with_merge_matches_style_lora(functional_mode):
     assert_same(fused.image, reference.image)
 
 
+def test_merge_is_the_hosts_own_weight_merge_where_the_host_owns_the_weights():
+    """Forge: `merge` goes to Forge's own weight merge as two patch sets, so a zero subject with the style is
+    <lora:style:1> bit for bit (AUTOMATIC1111 bakes merge itself: its functional-mode test above)."""
+    if "lora_functional" in ok("GET", "/sdapi/v1/options"):
+        pytest.skip("AUTOMATIC1111: merge is baked by DynFuse, see test_zero_subject_with_merge_matches_style_lora")
+    reference = txt2img(f"{PROMPT} <lora:{STYLE}:1>")
+    fused = txt2img(fuse=named(enabled=True, subject=ZERO, style=STYLE, method="merge"))
+    assert fused.messages() == []
+    assert_same(fused.image, reference.image)
+
+
 # ----------------------------------------------------------------------------- API forms
 def test_named_dict_form_equals_tag_and_positional_forms(plain):
     by_tag = txt2img(f"{PROMPT} <dynlora:{SUBJECT}:{STYLE}>")

@@ -1,6 +1,8 @@
 """Stand-in of backend/patcher/base.py `ModelPatcher` (:51-160), the parts the adapter touches."""
 import copy
 
+from backend.patcher.lora import LoraLoader
+
 
 class ModelPatcher:
     def __init__(self, model, load_device=None, offload_device=None, size=0, current_device=None, **kwargs):
@@ -12,6 +14,9 @@ class ModelPatcher:
         self.load_device = load_device
         self.offload_device = offload_device
         self.current_device = current_device
+        if not hasattr(model, "lora_loader"):               # :63-66: one loader per torch model, shared by clones
+            model.lora_loader = LoraLoader(model)
+        self.lora_loader = model.lora_loader
 
     def clone(self):
         """:79-84: same torch model, copied patch dicts, deep-copied model_options."""
@@ -32,6 +37,10 @@ class ModelPatcher:
                 this.setdefault(key, []).append([strength_patch, patches[k], strength_model, offset, function])
         self.lora_patches[(filename, strength_patch, strength_model, online_mode)] = this
         return loaded
+
+    def refresh_loras(self):
+        """:125-127 (memory_management.py:518 calls it when the model is loaded)."""
+        self.lora_loader.refresh(lora_patches=self.lora_patches, offload_device=self.offload_device)
 
     def set_model_unet_function_wrapper(self, unet_wrapper_function):
         """:146-147."""

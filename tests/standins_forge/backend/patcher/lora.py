@@ -10,6 +10,10 @@ Signatures and outputs as in Forge @ dfdcbab6, behaviour written from the host f
   diffusers names map to tuples `(model_key, (0, offset, size))` of the fused qkv / linear1 (comfy utils.py:407-466).
 - `merge_lora_to_weight(patches, weight, key, computation_dtype)` (lora.py:84-322), runs under inference mode;
   patches are `[strength, value, strength_model, offset, function]` (base.py:113).
+- `LoraLoader(model).refresh(lora_patches, offload_device, force_refresh)` (lora.py:344-447): nothing when the
+  names of the patch sets (`str(list(lora_patches.keys()))`) are those last merged; else the saved parameters
+  are put back, then every patched weight is merged (float32) into a *new* Parameter, the old one kept as the
+  backup. Offline mode only here (no NF4/GGUF, no online LoRA).
 """
 import torch
 
@@ -128,3 +132,40 @@ def merge_lora_to_weight(patches, weight, key="online_lora", computation_dtype=t
             weight = full
     return weight
 
+
+
+def _parent_and_name(model, key):
+    *path, name = key.split(".")
+    parent = model
+    for part in path:
+        parent = getattr(parent, part)
+    return parent, name
+
+
+class LoraLoader:
+    def __init__(self, model):
+        self.model = model
+        self.backup = {}
+        self.loaded_hash = str([])
+
+    @torch.inference_mode()
+    def refresh(self, lora_patches, offload_device=torch.device("cpu"), force_refresh=False):
+        hashes = str(list(lora_patches.keys()))
+        if hashes == self.loaded_hash and not force_refresh:
+            return
+        all_patches = {}
+        for (_, _, _, online_mode), patches in lora_patches.items():
+            for key, current in patches.items():
+                all_patches[key] = all_patches.get(key, []) + current
+        for key, w in self.backup.items():                       # restore
+            parent, name = _parent_and_name(self.model, key)
+            setattr(parent, name, w)
+        self.backup = {}
+        for key, current in all_patches.items():                 # patch
+            parent, name = _parent_and_name(self.model, key)
+            weight = getattr(parent, name)
+            assert isinstance(weight, torch.nn.Parameter), key
+            self.backup.setdefault(key, weight.to(device=offload_device))
+            merged = merge_lora_to_weight(current, weight, key, computation_dtype=torch.float32).to(weight.dtype)
+            setattr(parent, name, torch.nn.Parameter(merged, requires_grad=False))
+        self.loaded_hash = hashes
