@@ -119,6 +119,13 @@ class BakedWeights:
             raise first_error
 
 
+def target_mode(target: FuseTarget, method: str, te_mode: str) -> str:
+    """'merge', 'select' or 'off' for this target: a text encoder follows te_mode unless that is 'select'."""
+    if target.group == "te" and te_mode != "select":
+        return te_mode
+    return "merge" if method == "merge" else "select"
+
+
 def baked_deltas(target: FuseTarget, mode: str, keep_subject: Optional[bool]) -> List[LayerDelta]:
     """The deltas a target's weight holds: its one LoRA; both for 'merge'; K-LoRA's pick for 'select'; none for 'off'."""
     if mode == "off":
@@ -134,9 +141,7 @@ def constant_deltas(target: FuseTarget, method: str, te_mode: str = "select") ->
     """The deltas a target adds on every call, whatever the input and the step: its one LoRA, or both where
     they are merged (`merge`, or a text encoder in te mode 'merge'); None where the kept branch is chosen per
     call (`dynamic`: by the input, `klora`: by the step) or the layer is left out (te mode 'off')."""
-    if target.group == "te" and te_mode == "off":
+    mode = target_mode(target, method, te_mode)
+    if mode == "off" or (target.is_shared and mode != "merge"):
         return None
-    if not target.is_shared:
-        return [target.subject if target.subject is not None else target.style]
-    merged = te_mode == "merge" if target.group == "te" and te_mode != "select" else method == "merge"
-    return [target.subject, target.style] if merged else None
+    return baked_deltas(target, mode, None)

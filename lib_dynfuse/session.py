@@ -31,6 +31,7 @@ from typing import Dict, Hashable, List, Optional, Sequence
 import torch
 
 from . import mha
+from .baked import target_mode
 from .layer_delta import FuseTarget, LayerDelta
 from .lowrank import channel_dim, full_delta_output, prepare_delta
 from .record import LABELS, SelectionRecord
@@ -262,9 +263,7 @@ class FuseSession:
 
     def _mode(self, target: FuseTarget) -> str:
         """'merge', 'select' or 'off' for this target."""
-        if target.group == "te" and self.te_mode != "select":
-            return self.te_mode
-        return "merge" if self.method == "merge" else "select"
+        return target_mode(target, self.method, self.te_mode)
 
     def _klora_table(self, total: int, te: bool) -> List[List[bool]]:
         key = 0 if te else total

@@ -329,10 +329,11 @@ def add_constant_patches(objects: Any, group: str, targets: Sequence[Any], args:
     become two patch sets (subject, style) on a clone of `objects.unet` (group "unet", model keys under the
     KModel) or `objects.clip` ("te", keys under its cond_stage_model), assigned back, so Forge merges them into
     the weights when it loads that model, as it does for <lora>: each call then costs what the plain model
-    costs, and the weights come from <lora>'s own arithmetic. Forge keeps its own copy of the weights and puts it back when the
-    patches change, so the next job without them gets the weights back bit for bit. `identities` name the two
-    sets: Forge skips its re-merge while the names of the patch sets are unchanged (LoraLoader.refresh), so
-    they must change whenever the deltas do. Returns the names of the targets patched.
+    costs, and the weights come from <lora>'s own arithmetic. Forge keeps its own copy of the weights and puts
+    it back when the patches change, so the next job without them gets the weights back bit for bit.
+    `identities` (`patch_identities`) name the two sets: Forge skips its re-merge while the names of the patch
+    sets are unchanged (LoraLoader.refresh), so they must change whenever the deltas do. Returns the names of
+    the targets patched.
     """
     prefix = UNET_PREFIX if group == "unet" else ""
     sets: Tuple[Dict[Any, Any], Dict[Any, Any]] = ({}, {})
@@ -343,20 +344,30 @@ def add_constant_patches(objects: Any, group: str, targets: Sequence[Any], args:
             key = forge_patch_key(prefix, t.name, delta)
             sets[0 if delta is t.subject else 1][key] = forge_patch_value(delta)
             names[key] = t.name
-    holder = objects.unet if group == "unet" else getattr(objects, "clip", None)
+    attr = "unet" if group == "unet" else "clip"
+    holder = getattr(objects, attr, None)
     if not names or holder is None:
         return set()
     clone = holder.clone()
-    patcher = clone if group == "unet" else clone.patcher
+    patcher = clone if group == "unet" else clone.patcher   # a CLIP holds its patcher (backend/patcher/clip.py:20)
     online = lora_online_mode(objects.unet)
     taken = set()
     for identity, patches in zip(identities, sets):
         if patches:
             taken |= set(patcher.add_patches(filename=identity, patches=patches, strength_patch=1.0,
                                              strength_model=1.0, online_mode=online))
-    setattr(objects, "unet" if group == "unet" else "clip", clone)
+    setattr(objects, attr, clone)
     refused = {name for key, name in names.items() if key not in taken}   # a layer is Forge's only if all its
     return set(names.values()) - refused                                 # patches were taken
+
+
+def patch_identities(run: "common.FuseRun") -> Tuple[str, str]:
+    """Names of the subject and style patch sets: what the deltas are made of (see add_constant_patches)."""
+    a = run.args
+    which = "all layers" if a.method == "merge" else "one-LoRA layers"
+    which += f", te {a.text_encoder}"
+    return tuple(f"DynFuse {role} {name} {run.hashes.get(role, '')} x{weight} ({which})"
+                 for role, name, weight in (("subject", a.subject, a.subject_weight), ("style", a.style, a.style_weight)))
 
 
 # ---------------------------------------------------------------------------- per-call UNet hooks
@@ -592,15 +603,6 @@ class ForgeHost(common.WebUIHost):
         hooks = PassHooks(run, p, denoiser_progress(getattr(p, "sampler", None)))
         install_unet_wrapper(p.sd_model, hooks.call)
         return hooks
-
-
-def patch_identities(run: "common.FuseRun") -> Tuple[str, str]:
-    """Names of the subject and style patch sets: what the deltas are made of (see add_constant_patches)."""
-    a = run.args
-    which = "all layers" if a.method == "merge" else "one-LoRA layers"
-    which += f", te {a.text_encoder}"
-    return tuple(f"DynFuse {role} {name} {run.hashes.get(role, '')} x{weight} ({which})"
-                 for role, name, weight in (("subject", a.subject, a.subject_weight), ("style", a.style, a.style_weight)))
 
 
 _COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
