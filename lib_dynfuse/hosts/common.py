@@ -489,6 +489,12 @@ class FuseRun:
             self._session_cache[key] = session
         return session
 
+    def session_for(self, group: str, targets: Optional[Sequence[FuseTarget]]) -> Optional[Any]:
+        """The session `scope` opens for `group` (one per generation and settings), or None when nothing is fused
+        there; e.g. for the selection record of a private model copy that takes one of the host's calls."""
+        chosen = [t for t in self.forward_targets(targets) if t.group == group]
+        return self._session(group, chosen) if chosen else None
+
     @contextlib.contextmanager
     def scope(self, p: Any, group: str,
               before_open: Optional[Callable[[Sequence[FuseTarget]], None]] = None) -> Iterator[Optional[Any]]:
