@@ -24,7 +24,7 @@ def call_position(denoiser: Any) -> Tuple[int, int, bool]:
     `step` (incremented at the end of forward, sd_samplers_cfg_denoiser.py:310), `steps` and `total_steps` =
     steps x calls per step (2 for second-order samplers, whose last step makes one; sd_samplers_common.py:15-19,
     :265-269). PLMS makes one uncounted extra call in its first step (sd_samplers_timesteps_impl.py:114-120):
-    its moves are one call off from there."""
+    that step's move lands on its temporary latent and the later steps count one late."""
     call = int(getattr(denoiser, "step", 0) or 0)
     calls = int(getattr(denoiser, "total_steps", 0) or 0)
     steps = int(getattr(denoiser, "steps", 0) or 0)
@@ -149,4 +149,4 @@ class PassCorrection:
             return level_in
         alphas = self.host.alphas_cumprod(self.p, denoiser)
         t = level_in.round().long().clamp(0, alphas.shape[0] - 1)
-        return alphas.to(t.device)[t].float()
+        return alphas.to(t.device)[t].to(cv.wide_dtype(alphas.dtype))
