@@ -173,8 +173,8 @@ class FuseSession:
     def set_step(self, step: int, total: int) -> None:
         """Denoising progress p = step / total (0-based step of `total`), from the caller's sampler loop."""
         step, total = int(step), int(total)
-        if total < 1 or not 0 <= step:
-            raise ValueError(f"DynFuse: set_step needs 0 <= step and total >= 1, got step={step}, total={total}")
+        if total < 1 or not 0 <= step < total:
+            raise ValueError(f"DynFuse: set_step needs 0 <= step < total, got step={step}, total={total}")
         self._step, self._total = step, total
         if self._baked is not None:
             self._bake_step()
@@ -362,15 +362,17 @@ def _plus(y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 def fuse(model: torch.nn.Module, subject, style, method: str = "dynamic", criterion: str = "kl", name_map=None,
          text_encoders=None, **session_kwargs) -> FuseSession:
-    """Resolve two `LoraFile`s onto `model` (targets.py) and return an unopened FuseSession (use it with `with`).
+    """Resolve two `LoraFile`s (or paths, read at weight 1) onto `model` (targets.py) and return an unopened
+    FuseSession (use it with `with`).
 
     session_kwargs: klora_alpha, klora_beta, klora_scale, te_mode, record, weight_space (while open, every delta
     that does not depend on the input is baked into the weights: merge, K-LoRA's pick, layers one LoRA touches;
     see baked.py), backup_device. K-LoRA's weight statistics are
     cached by the files' sha256 and weights. The resolve report is kept as `session.resolved` (its
-    `warnings` list partial matches).
+    `warnings` list partial matches; they are also logged and issued as `LoraMatchWarning`s).
     """
-    from .targets import resolve_targets
+    from .targets import as_lora_file, resolve_targets
+    subject, style = as_lora_file(subject, "subject"), as_lora_file(style, "style")
     resolved = resolve_targets(model, subject, style, name_map=name_map, text_encoders=text_encoders)
     key = None
     if getattr(subject, "sha256", None) and getattr(style, "sha256", None):

@@ -175,6 +175,19 @@ def test_wrong_shapes_are_refused(fh):
 
 
 # ---------------------------------------------------------------------------- the per-call UNet wrapper
+@pytest.mark.parametrize("key", ["lora_up.weight", "alpha"])
+def test_a_lora_with_nan_values_is_refused_naming_it_and_the_layer(fh, sd15_files, tmp_path, key):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(sd15_files["style"][0]))
+    tensors[sorted(k for k in tensors if k.endswith(key))[0]].fill_(float("nan"))
+    save_file(tensors, str(tmp_path / "nan.safetensors"))
+    host, run, p, unet = _host_and_p(fh, dict(sd15_files, nan=(tmp_path / "nan.safetensors", None)), style="nan")
+    before = {k: v.clone() for k, v in unet.model.state_dict().items()}
+    assert run.prepare(p) is None
+    assert any("LoRA 'nan' holds NaN or Inf values in layer" in m and "without fusion" in m for m in run.messages)
+    assert all(torch.equal(v, before[k]) for k, v in unet.model.state_dict().items())
+
+
 def _host_and_p(fh, sd15_files, method="dynamic", steps=3, **kw):
     _register(fh, sd15_files)
     unet, clip = fh.world.sd15_unet_patcher(), fh.world.sd15_clip()
