@@ -33,7 +33,7 @@ in the prediction), KDPM2 schedulers (their second stage uses interpolated sigma
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Tuple
 
 import torch
 
