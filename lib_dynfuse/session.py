@@ -371,6 +371,10 @@ def fuse(model: torch.nn.Module, subject, style, method: str = "dynamic", criter
     cached by the files' sha256 and weights. The resolve report is kept as `session.resolved` (its
     `warnings` list partial matches; they are also logged and issued as `LoraMatchWarning`s).
     """
+    if not isinstance(model, torch.nn.Module):
+        hint = ("for a diffusers pipeline use fuse_pipeline(pipe, ...) (steps and cond/uncond rows wired) or "
+                "fuse(pipe.unet, ...)") if hasattr(model, "unet") else "give the torch model whose layers the LoRAs change"
+        raise TypeError(f"DynFuse: fuse() takes a torch.nn.Module, got a {type(model).__name__}; {hint}")
     from .targets import as_lora_file, resolve_targets
     subject, style = as_lora_file(subject, "subject"), as_lora_file(style, "style")
     resolved = resolve_targets(model, subject, style, name_map=name_map, text_encoders=text_encoders)

@@ -274,7 +274,7 @@ def test_infotext_pastes_back_into_the_controls(env):
     index = {id(c): i for i, c in enumerate(controls)}
     pasted = {index[id(c)]: getter(params) for c, getter in env.script.infotext_fields}
     want = env.ui_values(**values)
-    assert set(pasted) == {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 19, 20}
+    assert set(pasted) == {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 19, 20, 23}
     assert {i: pasted[i] for i in pasted} == {i: want[i] for i in pasted}
     assert pasted[0] is True
     assert [g({"Prompt": "x"}) for c, g in env.script.infotext_fields][0] is False

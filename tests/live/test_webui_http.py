@@ -449,3 +449,50 @@ def test_missing_guidance_weights_give_the_unguided_image_and_a_one_line_message
     assert "guidance is off" in message and "RN50" in message and "\n" not in message, message
     assert "DynFuse guidance" not in missing.params
     assert missing.info["infotexts"][0].count("\n") <= 2      # prompt, negative prompt, one parameters line
+
+
+# ----------------------------------------------------------------------------- scores (Table 1 metrics)
+@pytest.fixture()
+def score_clip_arch():
+    """DYNFUSE_LIVE_CLIP_ARCH as the host's scoring CLIP for one test (the score route reads the host's settings)."""
+    if not CLIP_ARCH:
+        yield
+        return
+    before = ok("GET", "/sdapi/v1/options").get("dynfuse_score_clip_arch", "")
+    ok("POST", "/sdapi/v1/options", {"dynfuse_score_clip_arch": CLIP_ARCH})
+    try:
+        yield
+    finally:
+        ok("POST", "/sdapi/v1/options", {"dynfuse_score_clip_arch": before})
+
+
+def test_score_route_answers_scores_or_a_clear_message(plain, subject_lora, score_clip_arch):
+    status, out = call("POST", "/dynfuse/v1/score", {"images": [plain.png_b64, subject_lora.png_b64],
+                                                     "subject_refs": [plain.png_b64],
+                                                     "style_refs": subject_lora.png_b64, "names": ["plain", "lora"]})
+    if status == 503:
+        pytest.skip(f"the host has no scoring weights: {out['error'][:200]}")
+    assert status == 200, out
+    rows = {r["image"]: r for r in out["per_image"]}
+    assert rows["plain"]["clip_score"] == pytest.approx(1.0, abs=1e-3)      # an image is its own subject reference
+    assert rows["lora"]["style_sim"] == pytest.approx(1.0, abs=1e-3)
+    assert out["clip_score"] == pytest.approx((rows["plain"]["clip_score"] + rows["lora"]["clip_score"]) / 2)
+    status, bad = call("POST", "/dynfuse/v1/score", {"images": ["not base64!"], "subject_refs": plain.png_b64,
+                                                     "style_refs": plain.png_b64})
+    assert status == 400 and "images[0]" in bad["error"], bad
+
+
+def test_scores_go_into_the_infotext_and_leave_the_image(plain, subject_lora):
+    fields = dict(enabled=True, subject=SUBJECT, style=STYLE, subject_image=plain.png_b64,
+                  style_image=subject_lora.png_b64)
+    settings = {"override_settings": {"dynfuse_clip_arch": CLIP_ARCH}} if CLIP_ARCH else {}
+    scored = txt2img(fuse=named(score=True, **fields), seed=4245, **settings)
+    unscored = txt2img(fuse=named(**fields), seed=4245)
+    assert_same(scored.image, unscored.image, "scores change nothing")
+    message = scored.params.get("DynFuse message", "")
+    if "no CLIP" in message or "no DINO" in message:
+        pytest.skip(f"the host has no scoring weights: {message[:200]}")
+    value = scored.params.get("DynFuse scores", "")
+    assert value.startswith("CLIP score ") and "Style Sim " in value and "DINO score " in value, scored.params
+    assert "DynFuse scores: CLIP score" in scored.info["infotexts"][0]
+    assert "score: True" in scored.params[INFOTEXT_KEY]
