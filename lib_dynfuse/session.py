@@ -13,9 +13,10 @@ Each hook receives the layer's own output y = F (the base, computed once by the 
 Text-encoder targets (group "te") follow `te_mode`: "select" = the same rule (K-LoRA: progress 0, since the
 prompt is encoded before the first step), "merge" = the sum, "off" = no delta.
 
-Deltas are computed in low rank (lowrank.py), cast to the input's device/dtype once per session. The hooks
-need no host sync (the dynamic choice is a `torch.where`; K-LoRA's is a precomputed Python bool), and they work
-under no_grad, inference_mode and enable_grad (gradients flow through the kept branch to the input).
+Deltas are computed in low rank, laid out once per session for few ops per call (branches.py). The hooks need no
+host sync (the dynamic choice is a `torch.where`; K-LoRA's is a precomputed Python bool), and they work under
+no_grad, inference_mode and enable_grad (gradients flow through the kept branch to the input). With
+`tie_rows=True` an image's cond and uncond rows keep one branch, chosen by their summed scores.
 Hooks are removed by `close()` / `__exit__` in `finally`, on exceptions and KeyboardInterrupt alike; no module is
 swapped and no torch class is patched, so afterwards the model computes bit-identically to before.
 With `weight_space=True` the deltas that do not depend on the input (merge, K-LoRA's pick of the step, a layer
@@ -30,13 +31,13 @@ from typing import Dict, Hashable, List, Optional, Sequence
 
 import torch
 
-from . import mha
+from . import branches, mha
 from .baked import target_mode
-from .layer_delta import FuseTarget, LayerDelta
-from .lowrank import channel_dim, full_delta_output, prepare_delta
+from .layer_delta import FuseTarget
+from .lowrank import channel_dim
 from .record import LABELS, SelectionRecord
-from .selection import CRITERIA, KLORA_SCALES, choose_subject, kept_rows, kl_scores_with_outputs, klora_schedule, \
-    klora_switch_progress, selection_scores
+from .selection import CRITERIA, KLORA_SCALES, branch_outputs, branch_scores, choose_subject, kept_branch, \
+    klora_schedule, klora_switch_progress
 from .selection import klora_scale as scale_at
 
 METHODS = ("dynamic", "klora", "merge")
@@ -54,7 +55,7 @@ class FuseSession:
     def __init__(self, targets: Sequence[FuseTarget], method: str = "dynamic", criterion: str = "kl",
                  klora_alpha: float = 1.5, klora_beta: float = 0.5, klora_scale: str = "linear",
                  record: bool = True, te_mode: str = "select", klora_key: Optional[Hashable] = None,
-                 weight_space: bool = False, backup_device="cpu"):
+                 weight_space: bool = False, backup_device="cpu", tie_rows: bool = False):
         _check_choice("method", method, METHODS)
         _check_choice("criterion", criterion, CRITERIA)
         _check_choice("klora_scale", klora_scale, KLORA_SCALES)
@@ -76,6 +77,7 @@ class FuseSession:
         if len({(id(t.module), t.part) for t in self.targets}) != len(self.targets):
             raise ValueError("DynFuse: two targets share one module; give each layer one FuseTarget")
         self.method, self.criterion, self.te_mode = method, criterion, te_mode
+        self.tie_rows = bool(tie_rows)
         self.weight_space, self.backup_device = bool(weight_space), backup_device
         self._baked = None
         self.rewritten_layers: List[str] = []
@@ -100,7 +102,8 @@ class FuseSession:
 
         self._step, self._total = 0, 1
         self._labels: Optional[List[str]] = None
-        self._cast: Dict[tuple, LayerDelta] = {}
+        self._partners: Dict[tuple, Optional[torch.Tensor]] = {}
+        self._cast: Dict[tuple, branches.Prepared] = {}
         self._handles: list = []
         self.resolved = None   # set by `fuse`: the targets.ResolveResult (match report, warnings)
 
@@ -192,6 +195,22 @@ class FuseSession:
                 raise ValueError(f"DynFuse: row labels must be 'cond' or 'uncond', got {bad[0]!r}")
         self._labels = labels
 
+    def _partner_rows(self, rows: int, device) -> Optional[torch.Tensor]:
+        """tie_rows: per row the index of the row it chooses with (the k-th cond row with the k-th uncond row,
+        itself when unpaired), built once per labels and device; None when no row has a partner."""
+        labels = tuple(self._row_labels(rows))
+        key = (labels, device)
+        if key not in self._partners:
+            cond = [i for i, lab in enumerate(labels) if lab == "cond"]
+            uncond = [i for i, lab in enumerate(labels) if lab == "uncond"]
+            partner = list(range(rows))
+            for c, u in zip(cond, uncond):
+                partner[c], partner[u] = u, c
+            with torch.inference_mode(False):
+                self._partners[key] = (torch.tensor(partner, device=device)
+                                       if partner != list(range(rows)) else None)
+        return self._partners[key]
+
     def _row_labels(self, rows: int) -> List[str]:
         # a layer whose batch differs from the labels (none in SD UNets) is recorded as cond
         if self._labels is not None and len(self._labels) == rows:
@@ -276,14 +295,22 @@ class FuseSession:
             self._klora_tables[key] = table
         return table
 
-    def _prepared(self, index: int, branch: int, delta: LayerDelta, module, x: torch.Tensor) -> LayerDelta:
+    def _prepared(self, index: int, form: str, module, x: torch.Tensor) -> branches.Prepared:
+        """The target's deltas laid out for `form` ("pair", "sum", "subject", "style"), cast once per x's device
+        and dtype (kept across open/close: hosts reopen one session per UNet call)."""
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
-        key = (index, branch, x.device, dtype)
-        cast = self._cast.get(key)
-        if cast is None:
-            cast = prepare_delta(delta, module, x.device, dtype)
-            self._cast[key] = cast
-        return cast
+        key = (index, form, x.device, dtype)
+        prepared = self._cast.get(key)
+        if prepared is None:
+            target = self.targets[index]
+            if form == "pair":
+                prepared = branches.prepare_stacked(target.subject, target.style, module, x.device, dtype)
+            else:
+                deltas = {"sum": (target.subject, target.style), "subject": (target.subject,),
+                          "style": (target.style,)}[form]
+                prepared = branches.prepare_summed([d for d in deltas if d is not None], module, x.device, dtype)
+            self._cast[key] = prepared
+        return prepared
 
     def _hook(self, index: int, module, args, kwargs, output):
         target = self.targets[index]
@@ -311,53 +338,34 @@ class FuseSession:
 
     def _fuse(self, index: int, target: FuseTarget, module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The layer's base output y for input x with the target's delta(s) added by the session's rule."""
-        def delta(branch: int, d: LayerDelta) -> torch.Tensor:
-            return full_delta_output(self._prepared(index, branch, d, module, x), x, module, y)
-
-        if not target.is_shared:
-            return _plus(y, delta(0, target.subject) if target.subject is not None else delta(1, target.style))
-        mode = self._mode(target)
-        if mode == "merge":
-            return _plus(_plus(y, delta(0, target.subject)), delta(1, target.style))
-
+        if not target.is_shared or self._mode(target) == "merge":
+            return self._plus(index, "sum", module, x, y)
         slot = self._record_slot.get(index)
         record = self.record if slot is not None else None
         if self.method == "klora":
             subject = self._klora_pick(index, target)
             if record is not None:
                 record.add_all(self._step, slot, subject, self._row_labels(y.shape[0]))
-            return _plus(y, delta(0, target.subject) if subject else delta(1, target.style))
+            return self._plus(index, "subject" if subject else "style", module, x, y)
 
-        d_c, d_s = delta(0, target.subject), delta(1, target.style)
-        cdim, rows = channel_dim(target.subject), y.shape[0]
-        sampling = not torch.is_grad_enabled()
-        if sampling:
-            # the branch outputs F_c, F_s serve both the criterion and the result: the kept rows are taken from them
-            # (same bits as y + where(keep, d_c, d_s), and y's layout: a conv in channels_last keeps it)
-            if self.criterion == "kl" and y.dim() >= 2 and y.is_contiguous():   # written and scored together,
-                f_both = y.new_empty((2,) + tuple(y.shape))                      # block by block when large
-                choose = choose_subject(*kl_scores_with_outputs(y, d_c, d_s, f_both, cdim))
-                f_c, f_s = f_both[0], f_both[1]
-            else:
-                f_c, f_s = y + d_c, y + d_s
-                choose = choose_subject(*selection_scores(self.criterion, y, f_c, f_s, cdim, d_c, d_s))
-        else:
-            with torch.no_grad():   # guidance: the choice is a constant, gradients flow through the chosen delta
-                y0, d_c0, d_s0 = y.detach(), d_c.detach(), d_s.detach()
-                choose = choose_subject(*selection_scores(self.criterion, y0, y0 + d_c0, y0 + d_s0, cdim, d_c0, d_s0))
+        deltas = branches.branch_deltas(self._prepared(index, "pair", module, x), x, module, y)
+        f_both = branch_outputs(y, deltas)
+        with torch.no_grad():   # the choice is a constant; under guidance, gradients flow through the kept branch
+            scores = branch_scores(self.criterion, y, f_both, channel_dim(target.subject))
+            partners = self._partner_rows(y.shape[0], y.device) if self.tie_rows else None
+            if partners is not None:   # an image's cond and uncond rows: one choice from their summed scores
+                scores = scores + scores.index_select(1, partners)
+            choose = choose_subject(*scores.unbind(0))
         if record is not None:
-            record.add_rows(self._step, slot, choose, self._row_labels(rows))
-        if sampling:
-            return kept_rows(choose, f_c, f_s)
-        return y + torch.where(choose.reshape(-1, *([1] * (y.dim() - 1))), d_c, d_s)
+            record.add_rows(self._step, slot, choose, self._row_labels(y.shape[0]))
+        out = kept_branch(choose, f_both)
+        out = out if out.dtype == y.dtype else out.to(y.dtype)
+        layout = branches.layout_of(y)
+        return out if layout is None or out.is_contiguous(memory_format=layout) else out.contiguous(memory_format=layout)
 
-
-def _plus(y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """y + d; while sampling (no autograd) added into d, the hook's own fresh delta, when d has y's layout: the
-    same bits and the same memory format as y + d, without a new tensor."""
-    if torch.is_grad_enabled() or d.stride() != y.stride() or d.shape != y.shape:
-        return y + d
-    return d.add_(y)
+    def _plus(self, index: int, form: str, module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + the deltas of `form` for input x."""
+        return branches.plus_deltas(self._prepared(index, form, module, x), x, module, y)
 
 
 def fuse(model: torch.nn.Module, subject, style, method: str = "dynamic", criterion: str = "kl", name_map=None,
@@ -365,7 +373,7 @@ def fuse(model: torch.nn.Module, subject, style, method: str = "dynamic", criter
     """Resolve two `LoraFile`s (or paths, read at weight 1) onto `model` (targets.py) and return an unopened
     FuseSession (use it with `with`).
 
-    session_kwargs: klora_alpha, klora_beta, klora_scale, te_mode, record, weight_space (while open, every delta
+    session_kwargs: klora_alpha, klora_beta, klora_scale, te_mode, record, tie_rows, weight_space (while open, every delta
     that does not depend on the input is baked into the weights: merge, K-LoRA's pick, layers one LoRA touches;
     see baked.py), backup_device. K-LoRA's weight statistics are
     cached by the files' sha256 and weights. The resolve report is kept as `session.resolved` (its

@@ -22,8 +22,10 @@ it; they change the host's settings for as long as they run, so give the tests a
 Tolerances: the host's builtin Lora merges W + dW into the weights, while DynFuse adds the LoRA's output in low
 rank (W x + up(down(x))); both are exact maths but round differently, so `<dynlora:A:zero>` matches
 `<lora:A:1>` within MERGE_TOLERANCE (mean |diff| over pixels, 0..255). With the builtin's functional mode
-(`lora_functional`, A1111 only) the builtin also adds the low-rank output, and the images are compared exactly.
-Everything else here (extension off, repeated requests, plain images after fused ones) is compared bit-exactly.
+(`lora_functional`, A1111 only) the builtin also adds the low-rank output, but DynFuse computes both LoRAs side by
+side with the scale folded into the up weights (lib_dynfuse/branches.py), so these are compared within the same
+tolerance. Everything else here (extension off, repeated requests, plain images after fused ones) is compared
+bit-exactly.
 Only the standard library talks HTTP; the images are decoded with Pillow and NumPy (test requirements).
 """
 from __future__ import annotations
@@ -214,11 +216,12 @@ def test_zero_style_matches_builtin_lora_within_rounding(plain, subject_lora):
     assert mean_abs_diff(fused.image, plain.image) > 5.0
 
 
-def test_zero_style_matches_builtin_functional_lora_exactly(functional_mode):
+def test_zero_style_matches_builtin_functional_lora_within_rounding(functional_mode, plain):
     reference = txt2img(f"{PROMPT} <lora:{SUBJECT}:1>")
     fused = txt2img(f"{PROMPT} <dynlora:{SUBJECT}:{ZERO}>")
     assert fused.messages() == []
-    assert_same(fused.image, reference.image)
+    assert mean_abs_diff(fused.image, reference.image) <= MERGE_TOLERANCE
+    assert mean_abs_diff(fused.image, plain.image) > 5.0
 
 
 def test_functional_mode_fusion_ignores_weights_a_merge_mode_job_left_merged():
@@ -237,15 +240,15 @@ def test_functional_mode_fusion_ignores_weights_a_merge_mode_job_left_merged():
         reference = txt2img(f"{PROMPT} <lora:{SUBJECT}:1>")
     finally:
         ok("POST", "/sdapi/v1/options", {"lora_functional": before})
-    assert_same(fused.image, reference.image)
+    assert mean_abs_diff(fused.image, reference.image) <= MERGE_TOLERANCE
 
 
 def test_zero_subject_with_merge_matches_style_lora(functional_mode):
-    """merge = w_c dW_c + w_s dW_s: with a zero subject it is the style LoRA alone."""
+    """merge = w_c dW_c + w_s dW_s: with a zero subject it is the style LoRA alone (within rounding)."""
     reference = txt2img(f"{PROMPT} <lora:{STYLE}:1>")
     fused = txt2img(fuse=named(enabled=True, subject=ZERO, style=STYLE, method="merge"))
     assert fused.messages() == []
-    assert_same(fused.image, reference.image)
+    assert mean_abs_diff(fused.image, reference.image) <= MERGE_TOLERANCE
 
 
 def test_merge_is_the_hosts_own_weight_merge_where_the_host_owns_the_weights():
