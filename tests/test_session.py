@@ -571,3 +571,42 @@ def test_tied_rows_choose_together_by_their_summed_scores():
     assert _near(alone, base + torch.where(torch.tensor([1, 0, 0, 1, 0]).bool()[:, None, None], d_c, d_s))
     assert _near(together, base + torch.where(torch.tensor([1, 1, 1, 1, 0]).bool()[:, None, None], d_c, d_s))
     assert tied.record.cond.tolist() == [[2 / 3]] and tied.record.uncond.tolist() == [[1.0]]
+
+
+@pytest.mark.parametrize("weight_space", [False, True])
+@pytest.mark.parametrize("method", ["dynamic", "klora", "merge"])
+def test_step_windows_leave_a_lora_out_of_its_steps(method, weight_space):
+    """subject in the first half, style in the second, and a layer only the style touches from 0.25 to 0.75:
+    outside a window the LoRA is gone; a shared layer takes the other one alone, recorded as its choice."""
+    shared, style_only, te = _linear(0), _linear(1), _linear(2)
+    dc, ds, ds2 = _linear_delta(8, 6, 2, 10), _linear_delta(8, 6, 3, 11), _linear_delta(8, 6, 2, 12)
+    dte_c, dte_s = _linear_delta(8, 6, 2, 13), _linear_delta(8, 6, 2, 14)
+    targets = [FuseTarget("a", shared, dc, ds), FuseTarget("b", style_only, style=ds2),
+               FuseTarget("te", te, dte_c, dte_s, group="te")]
+    x = _x(2, 3, 6)
+    with torch.no_grad():
+        base_a, base_b, base_te = shared(x), style_only(x), te(x)
+        with FuseSession(targets, method=method, te_mode="merge", weight_space=weight_space,
+                         subject_window=(0.0, 0.5), style_window=(0.25, 0.75)) as session:
+            outs = []
+            for step in range(4):
+                session.set_step(step, 4)
+                outs.append((shared(x), style_only(x), te(x)))
+    d_c, d_s, d_s2 = _ref_delta(dc, x), _ref_delta(ds, x), _ref_delta(ds2, x)
+    assert _near(outs[0][0], base_a + d_c) and torch.equal(outs[0][1], base_b)          # p = 0: subject only
+    assert _near(outs[2][0], base_a + d_s) and _near(outs[2][1], base_b + d_s2)        # p = 0.5: style only
+    assert torch.equal(outs[3][0], base_a) and torch.equal(outs[3][1], base_b)          # p = 0.75: neither
+    if method == "merge":
+        assert _near(outs[1][0], base_a + d_c + d_s)                                     # p = 0.25: both
+    for _, _, te_out in outs:   # the text encoder ignores the windows
+        assert _near(te_out, base_te + _ref_delta(dte_c, x) + _ref_delta(dte_s, x))
+    if method != "merge":
+        shares = session.selection[:, 0].tolist()
+        assert shares[0] == 1.0 and shares[2] == 0.0 and (len(shares) == 3 or math.isnan(shares[3]))
+
+
+def test_bad_step_windows_are_clear_errors():
+    t = [FuseTarget("l", _linear(0), _linear_delta(8, 6, 2, 1), _linear_delta(8, 6, 2, 2))]
+    for window in ((0.5, 0.2), (-0.1, 1.0), (0.0, 1.5), "all", (0.1,)):
+        with pytest.raises(ValueError, match="subject_window"):
+            FuseSession(t, subject_window=window)
