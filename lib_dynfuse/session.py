@@ -34,7 +34,7 @@ from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import branches, mha
+from . import blend, branches, mha
 from .baked import target_mode
 from .layer_delta import FuseTarget
 from .lowrank import channel_dim
@@ -43,7 +43,7 @@ from .selection import CRITERIA, KLORA_SCALES, branch_outputs, branch_scores, ch
     klora_schedule, klora_switch_progress
 from .selection import klora_scale as scale_at
 
-METHODS = ("dynamic", "klora", "merge")
+METHODS = ("dynamic", "klora", "merge", "blend")
 TE_MODES = ("select", "merge", "off")
 FULL_WINDOW = (0.0, 1.0)
 
@@ -77,7 +77,8 @@ class FuseSession:
                  klora_alpha: float = 1.5, klora_beta: float = 0.5, klora_scale: str = "linear",
                  record: bool = True, te_mode: str = "select", klora_key: Optional[Hashable] = None,
                  weight_space: bool = False, backup_device="cpu", tie_rows: bool = False,
-                 subject_window: Tuple[float, float] = FULL_WINDOW, style_window: Tuple[float, float] = FULL_WINDOW):
+                 subject_window: Tuple[float, float] = FULL_WINDOW, style_window: Tuple[float, float] = FULL_WINDOW,
+                 sharpness: float = 1.0, balance: float = 0.5, per_token: bool = False):
         _check_choice("method", method, METHODS)
         _check_choice("criterion", criterion, CRITERIA)
         _check_choice("klora_scale", klora_scale, KLORA_SCALES)
@@ -100,6 +101,10 @@ class FuseSession:
             raise ValueError("DynFuse: two targets share one module; give each layer one FuseTarget")
         self.method, self.criterion, self.te_mode = method, criterion, te_mode
         self.tie_rows = bool(tie_rows)
+        if not sharpness >= 0.0:
+            raise ValueError(f"DynFuse: sharpness must be >= 0, got {sharpness!r}")
+        self.sharpness, self.balance, self.per_token = float(sharpness), float(balance), bool(per_token)
+        self._log_ratio = blend.balance_log_ratio(self.balance)
         self.windows = {"subject": check_window("subject_window", subject_window),
                         "style": check_window("style_window", style_window)}
         self.weight_space, self.backup_device = bool(weight_space), backup_device
@@ -398,6 +403,8 @@ class FuseSession:
 
         deltas = branches.branch_deltas(self._prepared(index, "pair", module, x), x, module, y)
         f_both = branch_outputs(y, deltas)
+        if self.method == "blend":
+            return self._blend(index, target, y, deltas, f_both)
         with torch.no_grad():   # the choice is a constant; under guidance, gradients flow through the kept branch
             scores = branch_scores(self.criterion, y, f_both, channel_dim(target.subject))
             partners = self._partner_rows(y.shape[0], y.device) if self.tie_rows else None
@@ -410,6 +417,22 @@ class FuseSession:
         out = out if out.dtype == y.dtype else out.to(y.dtype)
         layout = branches.layout_of(y)
         return out if layout is None or out.is_contiguous(memory_format=layout) else out.contiguous(memory_format=layout)
+
+    def _blend(self, index: int, target: FuseTarget, y, deltas, f_both) -> torch.Tensor:
+        """`blend`: both deltas weighted by their KL divergences (blend.py), per row or per token."""
+        with torch.no_grad():
+            kl = blend.token_kl(f_both, y, channel_dim(target.subject))
+            if not self.per_token:
+                kl = blend.row_mean(kl)
+            partners = self._partner_rows(y.shape[0], y.device) if self.tie_rows else None
+            if partners is not None:
+                kl = kl + kl.index_select(1, partners)
+            weights = blend.blend_weights(kl, self.sharpness, self._log_ratio)
+        slot = self._record_slot.get(index)
+        if slot is not None and self.record is not None:   # the subject's share of the weight, per row
+            share = weights[0] / weights.sum(0)
+            self.record.add_rows(self._step, slot, blend.row_mean(share[None])[0], self._row_labels(y.shape[0]))
+        return blend.blended(y, deltas.to(weights.dtype), weights)
 
     def _plus(self, index: int, form: str, module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + the deltas of `form` for input x."""
