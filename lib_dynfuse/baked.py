@@ -161,11 +161,15 @@ def baked_deltas(target: FuseTarget, mode: str, keep_subject: Optional[bool]) ->
     return [target.subject if keep_subject else target.style]
 
 
-def constant_deltas(target: FuseTarget, method: str, te_mode: str = "select") -> Optional[List[LayerDelta]]:
+def constant_deltas(target: FuseTarget, method: str, te_mode: str = "select",
+                    windowed: Sequence[str] = ()) -> Optional[List[LayerDelta]]:
     """The deltas a target adds on every call, whatever the input and the step: its one LoRA, or both where
     they are merged (`merge`, or a text encoder in te mode 'merge'); None where the kept branch is chosen per
-    call (`dynamic`: by the input, `klora`: by the step) or the layer is left out (te mode 'off')."""
+    call (`dynamic`: by the input, `klora`: by the step), the layer is left out (te mode 'off'), or a UNet
+    layer's LoRA acts only in a step window (`windowed`: "subject", "style")."""
     mode = target_mode(target, method, te_mode)
     if mode == "off" or (target.is_shared and mode != "merge"):
+        return None
+    if target.group != "te" and any(getattr(target, branch) is not None for branch in windowed):
         return None
     return baked_deltas(target, mode, None)

@@ -17,6 +17,9 @@ Deltas are computed in low rank, laid out once per session for few ops per call 
 host sync (the dynamic choice is a `torch.where`; K-LoRA's is a precomputed Python bool), and they work under
 no_grad, inference_mode and enable_grad (gradients flow through the kept branch to the input). With
 `tie_rows=True` an image's cond and uncond rows keep one branch, chosen by their summed scores.
+Step windows (`subject_window`, `style_window`: (start, end) fractions of denoising, p = step/total): outside its
+window a LoRA is left out of the UNet's layers, and a shared layer takes the other LoRA alone (recorded as that
+branch's choice); text encoders ignore the windows, as the prompt is encoded once before the first step.
 Hooks are removed by `close()` / `__exit__` in `finally`, on exceptions and KeyboardInterrupt alike; no module is
 swapped and no torch class is patched, so afterwards the model computes bit-identically to before.
 With `weight_space=True` the deltas that do not depend on the input (merge, K-LoRA's pick of the step, a layer
@@ -27,11 +30,11 @@ recomputes the attention with each part fused by the same rule; records and K-Lo
 from __future__ import annotations
 
 import functools
-from typing import Dict, Hashable, List, Optional, Sequence
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import branches, mha
+from . import blend, branches, mha
 from .baked import target_mode
 from .layer_delta import FuseTarget
 from .lowrank import channel_dim
@@ -40,8 +43,26 @@ from .selection import CRITERIA, KLORA_SCALES, branch_outputs, branch_scores, ch
     klora_schedule, klora_switch_progress
 from .selection import klora_scale as scale_at
 
-METHODS = ("dynamic", "klora", "merge")
+METHODS = ("dynamic", "klora", "merge", "blend")
 TE_MODES = ("select", "merge", "off")
+FULL_WINDOW = (0.0, 1.0)
+
+
+def check_window(name: str, window) -> Tuple[float, float]:
+    """(start, end) with 0 <= start <= end <= 1: the fraction of denoising in which a LoRA acts."""
+    try:
+        start, end = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"DynFuse: {name} must be (start, end) fractions of denoising, got {window!r}") from None
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"DynFuse: {name} needs 0 <= start <= end <= 1, got {window!r}")
+    return start, end
+
+
+def in_window(window: Tuple[float, float], progress: float) -> bool:
+    """start <= p < end (an end of 1 keeps the last step), with a margin for the rounding of step/total."""
+    start, end = window
+    return start - 1e-9 <= progress < end - 1e-9 or end >= 1.0 and progress >= start - 1e-9
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -55,7 +76,9 @@ class FuseSession:
     def __init__(self, targets: Sequence[FuseTarget], method: str = "dynamic", criterion: str = "kl",
                  klora_alpha: float = 1.5, klora_beta: float = 0.5, klora_scale: str = "linear",
                  record: bool = True, te_mode: str = "select", klora_key: Optional[Hashable] = None,
-                 weight_space: bool = False, backup_device="cpu", tie_rows: bool = False):
+                 weight_space: bool = False, backup_device="cpu", tie_rows: bool = False,
+                 subject_window: Tuple[float, float] = FULL_WINDOW, style_window: Tuple[float, float] = FULL_WINDOW,
+                 sharpness: float = 1.0, balance: float = 0.5, per_token: bool = False):
         _check_choice("method", method, METHODS)
         _check_choice("criterion", criterion, CRITERIA)
         _check_choice("klora_scale", klora_scale, KLORA_SCALES)
@@ -78,6 +101,12 @@ class FuseSession:
             raise ValueError("DynFuse: two targets share one module; give each layer one FuseTarget")
         self.method, self.criterion, self.te_mode = method, criterion, te_mode
         self.tie_rows = bool(tie_rows)
+        if not sharpness >= 0.0:
+            raise ValueError(f"DynFuse: sharpness must be >= 0, got {sharpness!r}")
+        self.sharpness, self.balance, self.per_token = float(sharpness), float(balance), bool(per_token)
+        self._log_ratio = blend.balance_log_ratio(self.balance)
+        self.windows = {"subject": check_window("subject_window", subject_window),
+                        "style": check_window("style_window", style_window)}
         self.weight_space, self.backup_device = bool(weight_space), backup_device
         self._baked = None
         self.rewritten_layers: List[str] = []
@@ -252,14 +281,32 @@ class FuseSession:
             if not self._is_baked(t):
                 continue
             mode = self._mode(t)
+            active_c, active_s = self._active(t)
+            if not (active_c and active_s):   # a step window leaves one LoRA or none
+                deltas = [t.subject] if active_c else [t.style] if active_s else []
+                if t.is_shared and (active_c or active_s) and mode == "select":
+                    self._record_all(i, active_c, self._labels or ["cond"])
+                self._baked.bake(i, deltas)
+                continue
             keep_subject = None
             if t.is_shared and mode == "select":
                 keep_subject = self._klora_pick(i, t)
-                slot = self._record_slot.get(i)
-                if slot is not None and self.record is not None:
-                    # one decision per step for every row (no calls are seen in weight space)
-                    self.record.add_all(self._step, slot, keep_subject, self._labels or ["cond"])
+                # one decision per step for every row (no calls are seen in weight space)
+                self._record_all(i, keep_subject, self._labels or ["cond"])
             self._baked.bake(i, baked_deltas(t, mode, keep_subject))
+
+    def _active(self, target: FuseTarget) -> Tuple[bool, bool]:
+        """Whether the target's subject and style act at this step: a UNet layer's LoRA within its window, a text
+        encoder's always (the prompt is encoded before the first step)."""
+        def on(delta, branch: str) -> bool:
+            return delta is not None and (target.group == "te" or in_window(self.windows[branch], self.progress))
+        return on(target.subject, "subject"), on(target.style, "style")
+
+    def _record_all(self, index: int, subject: bool, labels: Sequence[str]) -> None:
+        """Record one choice for every row of a recorded layer (K-LoRA's pick, a step window's one LoRA)."""
+        slot = self._record_slot.get(index)
+        if slot is not None and self.record is not None:
+            self.record.add_all(self._step, slot, subject, labels)
 
     def _is_baked(self, target: FuseTarget) -> bool:
         """weight_space: every target whose delta does not depend on the input (a layer one LoRA touches, a
@@ -308,7 +355,7 @@ class FuseSession:
             else:
                 deltas = {"sum": (target.subject, target.style), "subject": (target.subject,),
                           "style": (target.style,)}[form]
-                prepared = branches.prepare_summed([d for d in deltas if d is not None], module, x.device, dtype)
+                prepared = branches.prepare_summed(deltas, module, x.device, dtype)
             self._cast[key] = prepared
         return prepared
 
@@ -338,18 +385,26 @@ class FuseSession:
 
     def _fuse(self, index: int, target: FuseTarget, module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The layer's base output y for input x with the target's delta(s) added by the session's rule."""
-        if not target.is_shared or self._mode(target) == "merge":
+        active_c, active_s = self._active(target)
+        if not (active_c and active_s):   # one LoRA touches the layer, or a step window leaves one (or none)
+            if not (active_c or active_s):
+                return y
+            if target.is_shared and self._mode(target) == "select":
+                self._record_all(index, active_c, self._row_labels(y.shape[0]))
+            return self._plus(index, "subject" if active_c else "style", module, x, y)
+        if self._mode(target) == "merge":
             return self._plus(index, "sum", module, x, y)
         slot = self._record_slot.get(index)
         record = self.record if slot is not None else None
         if self.method == "klora":
             subject = self._klora_pick(index, target)
-            if record is not None:
-                record.add_all(self._step, slot, subject, self._row_labels(y.shape[0]))
+            self._record_all(index, subject, self._row_labels(y.shape[0]))
             return self._plus(index, "subject" if subject else "style", module, x, y)
 
         deltas = branches.branch_deltas(self._prepared(index, "pair", module, x), x, module, y)
         f_both = branch_outputs(y, deltas)
+        if self.method == "blend":
+            return self._blend(index, target, y, deltas, f_both)
         with torch.no_grad():   # the choice is a constant; under guidance, gradients flow through the kept branch
             scores = branch_scores(self.criterion, y, f_both, channel_dim(target.subject))
             partners = self._partner_rows(y.shape[0], y.device) if self.tie_rows else None
@@ -363,6 +418,22 @@ class FuseSession:
         layout = branches.layout_of(y)
         return out if layout is None or out.is_contiguous(memory_format=layout) else out.contiguous(memory_format=layout)
 
+    def _blend(self, index: int, target: FuseTarget, y, deltas, f_both) -> torch.Tensor:
+        """`blend`: both deltas weighted by their KL divergences (blend.py), per row or per token."""
+        with torch.no_grad():
+            kl = blend.token_kl(f_both, y, channel_dim(target.subject))
+            if not self.per_token:
+                kl = blend.row_mean(kl)
+            partners = self._partner_rows(y.shape[0], y.device) if self.tie_rows else None
+            if partners is not None:
+                kl = kl + kl.index_select(1, partners)
+            weights = blend.blend_weights(kl, self.sharpness, self._log_ratio)
+        slot = self._record_slot.get(index)
+        if slot is not None and self.record is not None:   # the subject's share of the weight, per row
+            share = weights[0] / weights.sum(0)
+            self.record.add_rows(self._step, slot, blend.row_mean(share[None])[0], self._row_labels(y.shape[0]))
+        return blend.blended(y, deltas.to(weights.dtype), weights)
+
     def _plus(self, index: int, form: str, module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + the deltas of `form` for input x."""
         return branches.plus_deltas(self._prepared(index, form, module, x), x, module, y)
@@ -373,7 +444,8 @@ def fuse(model: torch.nn.Module, subject, style, method: str = "dynamic", criter
     """Resolve two `LoraFile`s (or paths, read at weight 1) onto `model` (targets.py) and return an unopened
     FuseSession (use it with `with`).
 
-    session_kwargs: klora_alpha, klora_beta, klora_scale, te_mode, record, tie_rows, weight_space (while open, every delta
+    session_kwargs: klora_alpha, klora_beta, klora_scale, te_mode, record, tie_rows, subject_window, style_window,
+    weight_space (while open, every delta
     that does not depend on the input is baked into the weights: merge, K-LoRA's pick, layers one LoRA touches;
     see baked.py), backup_device. K-LoRA's weight statistics are
     cached by the files' sha256 and weights. The resolve report is kept as `session.resolved` (its
