@@ -40,7 +40,7 @@ if sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ and _
 
 import torch  # noqa: E402
 
-from bench import guidance_cases, layer_overhead, memory, models  # noqa: E402
+from bench import guidance_cases, layer_overhead, memory, models, op_count  # noqa: E402
 from bench.flops import case_flops  # noqa: E402
 from bench.loras import MergedWeights, write_pair  # noqa: E402
 from bench.report import Row, json_ratios, markdown_table, targets_summary  # noqa: E402
@@ -189,8 +189,9 @@ def parse(argv: Optional[Sequence[str]] = None):
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="SD1.5 shapes at 32x32, rank 64 (default)")
     mode.add_argument("--full", action="store_true", help="SD1.5 64x64 and SDXL 128x128 (GPU), ranks 4-128")
-    p.add_argument("--parts", default="unet,guidance,references,memory,layers",
-                   help="comma list of unet, guidance, references, memory, layers (fixed cost per fused layer call)")
+    p.add_argument("--parts", default="unet,guidance,references,memory,layers,ops",
+                   help="comma list of unet, guidance, references, memory, layers (fixed cost per fused layer call), "
+                        "ops (ops dispatched per fused layer call)")
     p.add_argument("--rounds", type=int, help="timed rounds per case (quick 4, full 5)")
     p.add_argument("--heavy-rounds", type=int, help="rounds for the full-VAE and x_t guidance steps")
     p.add_argument("--ranks", help="comma list of LoRA ranks (quick 64, full 4,16,64,128)")
@@ -238,17 +239,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
         f"{args.threads} threads, shapes {plan.shapes}, ranks {plan.ranks}; load average {load_before}")
     results = {}
     with tempfile.TemporaryDirectory(prefix="dynfuse-bench-") as folder:
-        for kind, latent in plan.shapes if set(args.parts) - {"layers"} else []:
+        for kind, latent in plan.shapes if set(args.parts) - {"layers", "ops"} else []:
             results[f"{kind}{latent}"] = bench_shape(kind, latent, plan, args, folder)
     layers: Dict[str, float] = {}
     if "layers" in args.parts:
         log(f"fused layer fixed cost, {plan.rounds} rounds")
         layers = layer_overhead.extra_microseconds(plan.rounds, log)
+    ops: Dict[str, int] = {}
+    if "ops" in args.parts:
+        ops = op_count.op_counts()
     minutes = (time.perf_counter() - started) / 60
     header = (f"{when}; {machine()}; torch {torch.__version__}, {args.threads} threads, {args.device} {args.dtype}; "
               f"load average before {load_before}, after {load_average()}; {minutes:.1f} min")
-    table = markdown_table(results, header) + layers_line(layers)
-    ratios = dict(json_ratios(results), **layers)
+    table = markdown_table(results, header) + layers_line(layers) + ("\n" + op_count.ops_table(ops) if ops else "")
+    ratios = dict(json_ratios(results), **layers, **ops)
     print(table)
     print(targets_summary(ratios))
     if args.results:

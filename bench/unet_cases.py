@@ -83,7 +83,7 @@ def setup_seconds(unet, pair: LoraPair, methods: Sequence[str]) -> Dict[str, flo
     again (its cache hits); loading the files is timed once as `load`, and casting every delta to the UNet's
     device and dtype (what the first call of a generation does) as `cast`."""
     from lib_dynfuse import fuse
-    from lib_dynfuse.lowrank import prepare_delta
+    from lib_dynfuse.branches import prepare_stacked, prepare_summed
     out: Dict[str, float] = {}
     t0 = time.perf_counter()
     loras = pair.load()
@@ -91,10 +91,11 @@ def setup_seconds(unet, pair: LoraPair, methods: Sequence[str]) -> Dict[str, flo
     weight = next(unet.parameters())
     targets = fuse(unet, loras[0], loras[1]).targets
     t0 = time.perf_counter()
-    for t in targets:
-        for delta in (t.subject, t.style):
-            if delta is not None:
-                prepare_delta(delta, t.module, weight.device, weight.dtype)
+    for t in targets:   # as a dynamic session does: both LoRAs of a shared layer stacked, one LoRA's alone
+        if t.is_shared:
+            prepare_stacked(t.subject, t.style, t.module, weight.device, weight.dtype)
+        else:
+            prepare_summed([t.subject or t.style], t.module, weight.device, weight.dtype)
     out["cast"] = time.perf_counter() - t0
     for name in methods:   # "klora", "merge_baked", ...: a _baked name times baking the weights (once per generation)
         method, baked = name.replace("_baked", ""), name.endswith("_baked")

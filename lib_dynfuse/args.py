@@ -95,6 +95,10 @@ class FuseArgs:
                             infotext=None, ui="image")
     style_image: Any = _f(None, label="Style reference image", tip="A style image used instead of the rendered reference.",
                           infotext=None, ui="image")
+    score: bool = _f(False, label="Score against references",
+                     tip="Add each image's CLIP score, Style Sim and DINO score (K-LoRA Table 1) to its infotext, against the "
+                         "rendered references of the latent refinement, or the given reference images.",
+                     infotext="score", aliases=("score",))
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "FuseArgs":

@@ -7,9 +7,14 @@ the same output can be baked into the weights once: W' = W + dW_c + dW_s (merge)
 K-LoRA schedule keeps, and each call then costs what the merged floor costs. The originals are copied to
 `backup_device` (the CPU by default, as the WebUI's own LoRA code keeps its backups, so no accelerator memory
 is spent) and copied back by `restore()`; copy_ of the saved bits makes the model exactly as before.
+
+Two such sessions on one layer at a time are refused (`BakedWeights` raises before writing anything): the
+inner one would save the outer's baked weight as its original, and each would take the other's writes for
+a rewrite by another component, so the outer's deltas would stay in the model.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -26,6 +31,16 @@ def target_weight(target: FuseTarget) -> torch.Tensor:
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"DynFuse: layer {target.name!r} has no weight tensor to bake a delta into")
     return weight
+
+
+# module -> the BakedWeights whose deltas it holds now (weak both ways: never keeps a model or a session alive)
+_HELD_BY: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def baked_by(module: torch.nn.Module) -> Optional["BakedWeights"]:
+    """The open BakedWeights whose deltas this module's weight holds now, or None."""
+    ref = _HELD_BY.get(module)
+    return ref() if ref is not None else None
 
 
 BAKEABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -64,6 +79,11 @@ class BakedWeights:
     """
 
     def __init__(self, targets: Sequence[FuseTarget], backup_device="cpu"):
+        for t in targets:
+            if baked_by(t.module) is not None:
+                raise RuntimeError(f"DynFuse: layer {t.name!r} already holds the baked deltas of another open "
+                                   "weight_space session; close that session first (weight_space sessions on one "
+                                   "layer cannot be nested), or open this one with weight_space=False")
         self.targets = list(targets)
         self.backup_device = backup_device
         self._backups: Dict[int, torch.Tensor] = {}
@@ -93,6 +113,7 @@ class BakedWeights:
                 weight.copy_(self._backups[index])
             else:
                 self._backups[index] = weight.detach().to(self.backup_device, copy=True)
+                _HELD_BY[self.targets[index].module] = weakref.ref(self)
             self._baked[index] = ()
             for d in deltas:
                 dw, rows = dense_delta(d, weight)
@@ -106,6 +127,9 @@ class BakedWeights:
         rewritten = {i for i in self._backups if self._is_rewritten(i)}
         self.rewritten += [self.targets[i].name for i in sorted(rewritten)]
         backups, self._backups, self._baked, self._versions = self._backups, {}, {}, {}
+        for index in backups:
+            if baked_by(self.targets[index].module) is self:
+                del _HELD_BY[self.targets[index].module]
         first_error: Optional[BaseException] = None
         for index, saved in backups.items():
             if index in rewritten:
@@ -137,11 +161,15 @@ def baked_deltas(target: FuseTarget, mode: str, keep_subject: Optional[bool]) ->
     return [target.subject if keep_subject else target.style]
 
 
-def constant_deltas(target: FuseTarget, method: str, te_mode: str = "select") -> Optional[List[LayerDelta]]:
+def constant_deltas(target: FuseTarget, method: str, te_mode: str = "select",
+                    windowed: Sequence[str] = ()) -> Optional[List[LayerDelta]]:
     """The deltas a target adds on every call, whatever the input and the step: its one LoRA, or both where
     they are merged (`merge`, or a text encoder in te mode 'merge'); None where the kept branch is chosen per
-    call (`dynamic`: by the input, `klora`: by the step) or the layer is left out (te mode 'off')."""
+    call (`dynamic`: by the input, `klora`: by the step), the layer is left out (te mode 'off'), or a UNet
+    layer's LoRA acts only in a step window (`windowed`: "subject", "style")."""
     mode = target_mode(target, method, te_mode)
     if mode == "off" or (target.is_shared and mode != "merge"):
+        return None
+    if target.group != "te" and any(getattr(target, branch) is not None for branch in windowed):
         return None
     return baked_deltas(target, mode, None)

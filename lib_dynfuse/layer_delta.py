@@ -5,10 +5,14 @@ dicts) produces `LayerDelta`s; every fusion method consumes them. Nothing here i
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import torch
+
+MAX_WEIGHT = 100.0   # |user weight| above this only overflows fp16 activations into Inf/NaN images
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,37 @@ class LayerDelta:
         else:
             dw = up @ _at_least_float32(self.down)
         return (dw * self.scale).to(self.up.dtype)
+
+
+def check_weight(weight, name: str = "weight") -> float:
+    """A user's LoRA weight as a float: a real number (not a string, None or bool), finite, |weight| <= MAX_WEIGHT."""
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+        raise TypeError(f"DynFuse: {name} must be a number, got {type(weight).__name__} {weight!r}")
+    value = float(weight)
+    if not math.isfinite(value) or abs(value) > MAX_WEIGHT:
+        raise ValueError(f"DynFuse: {name} must be a finite number between {-MAX_WEIGHT:g} and {MAX_WEIGHT:g}, "
+                         f"got {weight!r}")
+    return value
+
+
+def delta_parts(delta: LayerDelta) -> List[Tuple[str, torch.Tensor]]:
+    """(part name, tensor) for every tensor a delta holds, its scale as a 0-d tensor too."""
+    parts = [(n, getattr(delta, n)) for n in ("down", "mid", "up", "dense") if getattr(delta, n) is not None]
+    return parts + [("scale", torch.tensor(float(delta.scale), dtype=torch.float64))]
+
+
+def first_nonfinite(named: Iterable[Tuple[str, torch.Tensor]]) -> Optional[str]:
+    """The name of the first tensor holding a NaN or an Inf, or None: one host sync per device, for setup only."""
+    named = [(n, t) for n, t in named if t.is_floating_point() or t.is_complex()]
+    by_device: dict = {}
+    for i, (_, t) in enumerate(named):
+        by_device.setdefault(t.device, []).append(i)
+    finite = [True] * len(named)
+    for rows in by_device.values():
+        flags = torch.stack([torch.isfinite(named[i][1]).all() for i in rows]).tolist()
+        for i, ok in zip(rows, flags):
+            finite[i] = ok
+    return next((named[i][0] for i, ok in enumerate(finite) if not ok), None)
 
 
 def _at_least_float32(t: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,9 @@ Which module a name means is `name_maps`' job, not this file's.
 Formats: kohya `.lora_down/.lora_up/.alpha` (+ LoCon 4-D convs, CP `.lora_mid`), `.lora_A/.lora_B`,
 diffusers/PEFT dotted keys (`unet.`, `text_encoder.`, `text_encoder_2.`, `base_model.model.`, no prefix;
 `.lora_A/.lora_B`, `.lora.down/.lora.up`, `.lora_linear_layer.down/up`, old `.processor.to_q_lora.down`).
-An absent `.alpha` means alpha = rank (scale 1). DoRA (`dora_scale`), LoHa, LoKr, OFT, full `diff` ... need the
-base weight or have no low-rank form: those layers go to `LoraFile.unsupported` with a reason (the hosts' own
-loaders read those formats and hand us dense deltas).
+An absent `.alpha`, or alpha 0, means alpha = rank (scale 1), as kohya's trainers read it. DoRA (`dora_scale`),
+LoHa, LoKr, OFT, full `diff` ... need the base weight or have no low-rank form: those layers go to
+`LoraFile.unsupported` with a reason (the hosts' own loaders read those formats and hand us dense deltas).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .layer_delta import LayerDelta
+from .layer_delta import LayerDelta, check_weight, first_nonfinite
 
 PICKLE_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 SHORTHASH_LEN = 12
@@ -90,6 +90,7 @@ class LoraFile:
     duplicates: List[str] = field(default_factory=list)   # second spellings of a layer, ignored
 
     def __post_init__(self):
+        self.weight = check_weight(self.weight)
         if not self.unit_layers:
             if self.weight == 0.0 and self.layers:
                 raise ValueError("LoraFile built at weight 0 needs unit_layers (the weight-1 deltas)")
@@ -102,6 +103,7 @@ class LoraFile:
 
     def with_weight(self, weight: float) -> "LoraFile":
         """The same LoRA at user weight `weight` (absolute, not multiplied; tensors are shared)."""
+        weight = check_weight(weight)
         layers = {k: d.with_weight(weight) for k, d in self.unit_layers.items()}
         return replace(self, layers=layers, weight=float(weight))
 
@@ -173,22 +175,33 @@ def layer_key(stem: str) -> LayerKey:
     return LayerKey(group, stem.replace(".", "_"))
 
 
-def _delta(parts: Dict[str, torch.Tensor], weight: float) -> LayerDelta:
-    """LayerDelta from one layer's down/up(/mid/alpha) tensors: scale = alpha / rank * weight."""
-    down, up = parts["down"], parts["up"]
-    rank = down.shape[0]
+def _delta(parts: Dict[str, torch.Tensor], keys: Dict[str, str], weight: float) -> LayerDelta:
+    """LayerDelta from one layer's down/up(/mid/alpha) tensors: scale = alpha / rank * weight (alpha 0 = rank, as
+    kohya's trainers read it); a rank-0 layer or factors of different ranks are a LoraFormatError naming the key."""
+    down, up, mid = parts["down"], parts["up"], parts.get("mid")
+    rank = down.shape[0] if down.dim() else 0
+    if rank == 0:
+        raise LoraFormatError(f"{keys['down']} has rank 0 (shape {tuple(down.shape)}): an empty LoRA layer")
+    misfit = "up" if tuple(up.shape[1:2]) != (rank,) else \
+        "mid" if mid is not None and tuple(mid.shape[:2]) != (rank, rank) else None
+    if misfit:
+        raise LoraFormatError(f"{keys[misfit]} has shape {tuple(parts[misfit].shape)}, which does not fit the rank "
+                              f"{rank} of {keys['down']} {tuple(down.shape)}")
     alpha = parts.get("alpha")
-    scale = 1.0 if alpha is None else float(alpha.float().item()) / rank
-    return LayerDelta(down=down, up=up, mid=parts.get("mid"), scale=scale * weight)
+    alpha = float(alpha.float().item()) if alpha is not None else 0.0
+    scale = (alpha or rank) / rank
+    return LayerDelta(down=down, up=up, mid=mid, scale=scale * weight)
 
 
 def parse_state_dict(tensors: Dict[str, torch.Tensor]):
     """Group tensors by layer -> (layers at weight 1, unsupported reasons, duplicate stems ignored).
 
     Two spellings of one layer in one file (kohya and PEFT stems naming the same module) are never mixed:
-    the first stem in key order wins, the others are listed as duplicates.
+    the first stem in key order wins, the others are listed as duplicates. A malformed low-rank layer (rank 0,
+    factors of different ranks) is a LoraFormatError naming its key.
     """
     by_stem: Dict[str, Dict[str, torch.Tensor]] = {}
+    keys: Dict[str, Dict[str, str]] = {}
     other: Dict[str, str] = {}
     for key in sorted(tensors):
         stem, role = _split_suffix(key)
@@ -196,6 +209,7 @@ def parse_state_dict(tensors: Dict[str, torch.Tensor]):
             other.setdefault(stem, f"{role[6:]} keys ({key}) have no low-rank form; the host's own loader handles them")
         else:
             by_stem.setdefault(stem, {})[role] = tensors[key]
+            keys.setdefault(stem, {})[role] = key
     layers: Dict[LayerKey, LayerDelta] = {}
     unsupported: Dict[LayerKey, str] = {}
     duplicates: List[str] = []
@@ -212,10 +226,8 @@ def parse_state_dict(tensors: Dict[str, torch.Tensor]):
             unsupported[lk] = "DoRA (dora_scale) needs the base weight; the host's own loader handles it"
         elif "down" not in parts or "up" not in parts:
             unsupported[lk] = f"incomplete LoRA layer (has {sorted(parts)}, needs down and up)"
-        elif parts["down"].shape[0] != parts["up"].shape[1]:
-            unsupported[lk] = f"rank mismatch: down {tuple(parts['down'].shape)}, up {tuple(parts['up'].shape)}"
         else:
-            layers[lk] = _delta(parts, 1.0)
+            layers[lk] = _delta(parts, keys[stem], 1.0)
     return layers, unsupported, duplicates
 
 
@@ -239,25 +251,40 @@ def guess_base_model(metadata: Dict[str, str], layers: Dict[LayerKey, LayerDelta
 
 
 def load_lora(path: str, weight: float = 1.0, name: Optional[str] = None) -> LoraFile:
-    """Read a LoRA .safetensors into a LoraFile at user weight `weight` (pickles are refused, never loaded)."""
+    """Read a LoRA .safetensors into a LoraFile at user weight `weight` (pickles are refused, never loaded).
+
+    Refused with a LoraFormatError naming the file and the key: a tensor holding NaN or Inf (a NaN alpha
+    too), a rank-0 layer, factors of different ranks. The weight is checked by `check_weight`.
+    """
     from safetensors.torch import load_file
 
+    weight = check_weight(weight)
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise LoraFormatError(f"{path} is a directory; give the path of a LoRA .safetensors file in it")
     if not os.path.isfile(path):
         raise LoraFormatError(f"LoRA file not found: {path}")
     check_safetensors(path)
+    file = os.path.basename(path)
     try:
         with open(path, "rb") as f:
             header_len = struct.unpack("<Q", f.read(8))[0]
             header = json.loads(f.read(header_len))
         tensors = load_file(path, device="cpu")
     except Exception as err:                       # a damaged or truncated file: say so, never half-load it
-        raise LoraFormatError(f"{os.path.basename(path)}: not a readable safetensors file ({err})") from err
+        raise LoraFormatError(f"{file}: not a readable safetensors file ({err})") from err
+    bad = first_nonfinite((k, tensors[k]) for k in sorted(tensors))
+    if bad is not None:
+        raise LoraFormatError(f"{file}: {bad} holds NaN or Inf values (a diverged training or a damaged file); "
+                              f"it would turn every image into NaN, so the file is refused")
     metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
-    unit, unsupported, duplicates = parse_state_dict(tensors)
-    label = name or os.path.splitext(os.path.basename(path))[0]
+    try:
+        unit, unsupported, duplicates = parse_state_dict(tensors)
+    except LoraFormatError as err:
+        raise LoraFormatError(f"{file}: {err}") from None
+    label = name or os.path.splitext(file)[0]
     if not unit and not unsupported:
-        raise LoraFormatError(f"{label}: no LoRA keys found in {os.path.basename(path)}")
+        raise LoraFormatError(f"{label}: no LoRA keys found in {file}")
     lora = LoraFile(name=label, path=path, sha256=file_sha256(path), metadata=metadata, layers=unit,
                     unsupported=unsupported, base_model=guess_base_model(metadata, unit), weight=1.0,
                     unit_layers=unit, duplicates=duplicates)

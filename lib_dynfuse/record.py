@@ -55,7 +55,7 @@ class SelectionRecord:
         self.total_steps = max(self.total_steps, step + 1)
 
     def add_rows(self, step: int, layer: int, choose: torch.Tensor, labels: Sequence[str]) -> None:
-        """Record a per-row bool tensor [B] (on any device) without a host sync (queued; see the module doc)."""
+        """Record a per-row bool tensor [B] or [B, 1, ...] (on any device) without a host sync (queued; see the module doc)."""
         self._queued.setdefault((step, layer, tuple(labels), choose.device), []).append(choose)
         self._queued_count += 1
         self._count_rows(step, layer, labels)

@@ -13,9 +13,13 @@ Each hook receives the layer's own output y = F (the base, computed once by the 
 Text-encoder targets (group "te") follow `te_mode`: "select" = the same rule (K-LoRA: progress 0, since the
 prompt is encoded before the first step), "merge" = the sum, "off" = no delta.
 
-Deltas are computed in low rank (lowrank.py), cast to the input's device/dtype once per session. The hooks
-need no host sync (the dynamic choice is a `torch.where`; K-LoRA's is a precomputed Python bool), and they work
-under no_grad, inference_mode and enable_grad (gradients flow through the kept branch to the input).
+Deltas are computed in low rank, laid out once per session for few ops per call (branches.py). The hooks need no
+host sync (the dynamic choice is a `torch.where`; K-LoRA's is a precomputed Python bool), and they work under
+no_grad, inference_mode and enable_grad (gradients flow through the kept branch to the input). With
+`tie_rows=True` an image's cond and uncond rows keep one branch, chosen by their summed scores.
+Step windows (`subject_window`, `style_window`: (start, end) fractions of denoising, p = step/total): outside its
+window a LoRA is left out of the UNet's layers, and a shared layer takes the other LoRA alone (recorded as that
+branch's choice); text encoders ignore the windows, as the prompt is encoded once before the first step.
 Hooks are removed by `close()` / `__exit__` in `finally`, on exceptions and KeyboardInterrupt alike; no module is
 swapped and no torch class is patched, so afterwards the model computes bit-identically to before.
 With `weight_space=True` the deltas that do not depend on the input (merge, K-LoRA's pick of the step, a layer
@@ -26,21 +30,39 @@ recomputes the attention with each part fused by the same rule; records and K-Lo
 from __future__ import annotations
 
 import functools
-from typing import Dict, Hashable, List, Optional, Sequence
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import mha
+from . import blend, branches, mha
 from .baked import target_mode
-from .layer_delta import FuseTarget, LayerDelta
-from .lowrank import channel_dim, full_delta_output, prepare_delta
+from .layer_delta import FuseTarget
+from .lowrank import channel_dim
 from .record import LABELS, SelectionRecord
-from .selection import CRITERIA, KLORA_SCALES, choose_subject, kept_rows, kl_scores_with_outputs, klora_schedule, \
-    klora_switch_progress, selection_scores
+from .selection import CRITERIA, KLORA_SCALES, branch_outputs, branch_scores, choose_subject, kept_branch, \
+    klora_schedule, klora_switch_progress
 from .selection import klora_scale as scale_at
 
-METHODS = ("dynamic", "klora", "merge")
+METHODS = ("dynamic", "klora", "merge", "blend")
 TE_MODES = ("select", "merge", "off")
+FULL_WINDOW = (0.0, 1.0)
+
+
+def check_window(name: str, window) -> Tuple[float, float]:
+    """(start, end) with 0 <= start <= end <= 1: the fraction of denoising in which a LoRA acts."""
+    try:
+        start, end = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"DynFuse: {name} must be (start, end) fractions of denoising, got {window!r}") from None
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"DynFuse: {name} needs 0 <= start <= end <= 1, got {window!r}")
+    return start, end
+
+
+def in_window(window: Tuple[float, float], progress: float) -> bool:
+    """start <= p < end (an end of 1 keeps the last step), with a margin for the rounding of step/total."""
+    start, end = window
+    return start - 1e-9 <= progress < end - 1e-9 or end >= 1.0 and progress >= start - 1e-9
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -54,7 +76,9 @@ class FuseSession:
     def __init__(self, targets: Sequence[FuseTarget], method: str = "dynamic", criterion: str = "kl",
                  klora_alpha: float = 1.5, klora_beta: float = 0.5, klora_scale: str = "linear",
                  record: bool = True, te_mode: str = "select", klora_key: Optional[Hashable] = None,
-                 weight_space: bool = False, backup_device="cpu"):
+                 weight_space: bool = False, backup_device="cpu", tie_rows: bool = False,
+                 subject_window: Tuple[float, float] = FULL_WINDOW, style_window: Tuple[float, float] = FULL_WINDOW,
+                 sharpness: float = 1.0, balance: float = 0.5, per_token: bool = False):
         _check_choice("method", method, METHODS)
         _check_choice("criterion", criterion, CRITERIA)
         _check_choice("klora_scale", klora_scale, KLORA_SCALES)
@@ -76,6 +100,13 @@ class FuseSession:
         if len({(id(t.module), t.part) for t in self.targets}) != len(self.targets):
             raise ValueError("DynFuse: two targets share one module; give each layer one FuseTarget")
         self.method, self.criterion, self.te_mode = method, criterion, te_mode
+        self.tie_rows = bool(tie_rows)
+        if not sharpness >= 0.0:
+            raise ValueError(f"DynFuse: sharpness must be >= 0, got {sharpness!r}")
+        self.sharpness, self.balance, self.per_token = float(sharpness), float(balance), bool(per_token)
+        self._log_ratio = blend.balance_log_ratio(self.balance)
+        self.windows = {"subject": check_window("subject_window", subject_window),
+                        "style": check_window("style_window", style_window)}
         self.weight_space, self.backup_device = bool(weight_space), backup_device
         self._baked = None
         self.rewritten_layers: List[str] = []
@@ -100,7 +131,8 @@ class FuseSession:
 
         self._step, self._total = 0, 1
         self._labels: Optional[List[str]] = None
-        self._cast: Dict[tuple, LayerDelta] = {}
+        self._partners: Dict[tuple, Optional[torch.Tensor]] = {}
+        self._cast: Dict[tuple, branches.Prepared] = {}
         self._handles: list = []
         self.resolved = None   # set by `fuse`: the targets.ResolveResult (match report, warnings)
 
@@ -173,8 +205,8 @@ class FuseSession:
     def set_step(self, step: int, total: int) -> None:
         """Denoising progress p = step / total (0-based step of `total`), from the caller's sampler loop."""
         step, total = int(step), int(total)
-        if total < 1 or not 0 <= step:
-            raise ValueError(f"DynFuse: set_step needs 0 <= step and total >= 1, got step={step}, total={total}")
+        if total < 1 or not 0 <= step < total:
+            raise ValueError(f"DynFuse: set_step needs 0 <= step < total, got step={step}, total={total}")
         self._step, self._total = step, total
         if self._baked is not None:
             self._bake_step()
@@ -191,6 +223,22 @@ class FuseSession:
             if bad:
                 raise ValueError(f"DynFuse: row labels must be 'cond' or 'uncond', got {bad[0]!r}")
         self._labels = labels
+
+    def _partner_rows(self, rows: int, device) -> Optional[torch.Tensor]:
+        """tie_rows: per row the index of the row it chooses with (the k-th cond row with the k-th uncond row,
+        itself when unpaired), built once per labels and device; None when no row has a partner."""
+        labels = tuple(self._row_labels(rows))
+        key = (labels, device)
+        if key not in self._partners:
+            cond = [i for i, lab in enumerate(labels) if lab == "cond"]
+            uncond = [i for i, lab in enumerate(labels) if lab == "uncond"]
+            partner = list(range(rows))
+            for c, u in zip(cond, uncond):
+                partner[c], partner[u] = u, c
+            with torch.inference_mode(False):
+                self._partners[key] = (torch.tensor(partner, device=device)
+                                       if partner != list(range(rows)) else None)
+        return self._partners[key]
 
     def _row_labels(self, rows: int) -> List[str]:
         # a layer whose batch differs from the labels (none in SD UNets) is recorded as cond
@@ -233,14 +281,32 @@ class FuseSession:
             if not self._is_baked(t):
                 continue
             mode = self._mode(t)
+            active_c, active_s = self._active(t)
+            if not (active_c and active_s):   # a step window leaves one LoRA or none
+                deltas = [t.subject] if active_c else [t.style] if active_s else []
+                if t.is_shared and (active_c or active_s) and mode == "select":
+                    self._record_all(i, active_c, self._labels or ["cond"])
+                self._baked.bake(i, deltas)
+                continue
             keep_subject = None
             if t.is_shared and mode == "select":
                 keep_subject = self._klora_pick(i, t)
-                slot = self._record_slot.get(i)
-                if slot is not None and self.record is not None:
-                    # one decision per step for every row (no calls are seen in weight space)
-                    self.record.add_all(self._step, slot, keep_subject, self._labels or ["cond"])
+                # one decision per step for every row (no calls are seen in weight space)
+                self._record_all(i, keep_subject, self._labels or ["cond"])
             self._baked.bake(i, baked_deltas(t, mode, keep_subject))
+
+    def _active(self, target: FuseTarget) -> Tuple[bool, bool]:
+        """Whether the target's subject and style act at this step: a UNet layer's LoRA within its window, a text
+        encoder's always (the prompt is encoded before the first step)."""
+        def on(delta, branch: str) -> bool:
+            return delta is not None and (target.group == "te" or in_window(self.windows[branch], self.progress))
+        return on(target.subject, "subject"), on(target.style, "style")
+
+    def _record_all(self, index: int, subject: bool, labels: Sequence[str]) -> None:
+        """Record one choice for every row of a recorded layer (K-LoRA's pick, a step window's one LoRA)."""
+        slot = self._record_slot.get(index)
+        if slot is not None and self.record is not None:
+            self.record.add_all(self._step, slot, subject, labels)
 
     def _is_baked(self, target: FuseTarget) -> bool:
         """weight_space: every target whose delta does not depend on the input (a layer one LoRA touches, a
@@ -276,14 +342,22 @@ class FuseSession:
             self._klora_tables[key] = table
         return table
 
-    def _prepared(self, index: int, branch: int, delta: LayerDelta, module, x: torch.Tensor) -> LayerDelta:
+    def _prepared(self, index: int, form: str, module, x: torch.Tensor) -> branches.Prepared:
+        """The target's deltas laid out for `form` ("pair", "sum", "subject", "style"), cast once per x's device
+        and dtype (kept across open/close: hosts reopen one session per UNet call)."""
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
-        key = (index, branch, x.device, dtype)
-        cast = self._cast.get(key)
-        if cast is None:
-            cast = prepare_delta(delta, module, x.device, dtype)
-            self._cast[key] = cast
-        return cast
+        key = (index, form, x.device, dtype)
+        prepared = self._cast.get(key)
+        if prepared is None:
+            target = self.targets[index]
+            if form == "pair":
+                prepared = branches.prepare_stacked(target.subject, target.style, module, x.device, dtype)
+            else:
+                deltas = {"sum": (target.subject, target.style), "subject": (target.subject,),
+                          "style": (target.style,)}[form]
+                prepared = branches.prepare_summed(deltas, module, x.device, dtype)
+            self._cast[key] = prepared
+        return prepared
 
     def _hook(self, index: int, module, args, kwargs, output):
         target = self.targets[index]
@@ -311,66 +385,78 @@ class FuseSession:
 
     def _fuse(self, index: int, target: FuseTarget, module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The layer's base output y for input x with the target's delta(s) added by the session's rule."""
-        def delta(branch: int, d: LayerDelta) -> torch.Tensor:
-            return full_delta_output(self._prepared(index, branch, d, module, x), x, module, y)
-
-        if not target.is_shared:
-            return _plus(y, delta(0, target.subject) if target.subject is not None else delta(1, target.style))
-        mode = self._mode(target)
-        if mode == "merge":
-            return _plus(_plus(y, delta(0, target.subject)), delta(1, target.style))
-
+        active_c, active_s = self._active(target)
+        if not (active_c and active_s):   # one LoRA touches the layer, or a step window leaves one (or none)
+            if not (active_c or active_s):
+                return y
+            if target.is_shared and self._mode(target) == "select":
+                self._record_all(index, active_c, self._row_labels(y.shape[0]))
+            return self._plus(index, "subject" if active_c else "style", module, x, y)
+        if self._mode(target) == "merge":
+            return self._plus(index, "sum", module, x, y)
         slot = self._record_slot.get(index)
         record = self.record if slot is not None else None
         if self.method == "klora":
             subject = self._klora_pick(index, target)
-            if record is not None:
-                record.add_all(self._step, slot, subject, self._row_labels(y.shape[0]))
-            return _plus(y, delta(0, target.subject) if subject else delta(1, target.style))
+            self._record_all(index, subject, self._row_labels(y.shape[0]))
+            return self._plus(index, "subject" if subject else "style", module, x, y)
 
-        d_c, d_s = delta(0, target.subject), delta(1, target.style)
-        cdim, rows = channel_dim(target.subject), y.shape[0]
-        sampling = not torch.is_grad_enabled()
-        if sampling:
-            # the branch outputs F_c, F_s serve both the criterion and the result: the kept rows are taken from them
-            # (same bits as y + where(keep, d_c, d_s), and y's layout: a conv in channels_last keeps it)
-            if self.criterion == "kl" and y.dim() >= 2 and y.is_contiguous():   # written and scored together,
-                f_both = y.new_empty((2,) + tuple(y.shape))                      # block by block when large
-                choose = choose_subject(*kl_scores_with_outputs(y, d_c, d_s, f_both, cdim))
-                f_c, f_s = f_both[0], f_both[1]
-            else:
-                f_c, f_s = y + d_c, y + d_s
-                choose = choose_subject(*selection_scores(self.criterion, y, f_c, f_s, cdim, d_c, d_s))
-        else:
-            with torch.no_grad():   # guidance: the choice is a constant, gradients flow through the chosen delta
-                y0, d_c0, d_s0 = y.detach(), d_c.detach(), d_s.detach()
-                choose = choose_subject(*selection_scores(self.criterion, y0, y0 + d_c0, y0 + d_s0, cdim, d_c0, d_s0))
+        deltas = branches.branch_deltas(self._prepared(index, "pair", module, x), x, module, y)
+        f_both = branch_outputs(y, deltas)
+        if self.method == "blend":
+            return self._blend(index, target, y, deltas, f_both)
+        with torch.no_grad():   # the choice is a constant; under guidance, gradients flow through the kept branch
+            scores = branch_scores(self.criterion, y, f_both, channel_dim(target.subject))
+            partners = self._partner_rows(y.shape[0], y.device) if self.tie_rows else None
+            if partners is not None:   # an image's cond and uncond rows: one choice from their summed scores
+                scores = scores + scores.index_select(1, partners)
+            choose = choose_subject(*scores.unbind(0))
         if record is not None:
-            record.add_rows(self._step, slot, choose, self._row_labels(rows))
-        if sampling:
-            return kept_rows(choose, f_c, f_s)
-        return y + torch.where(choose.reshape(-1, *([1] * (y.dim() - 1))), d_c, d_s)
+            record.add_rows(self._step, slot, choose, self._row_labels(y.shape[0]))
+        out = kept_branch(choose, f_both)
+        out = out if out.dtype == y.dtype else out.to(y.dtype)
+        layout = branches.layout_of(y)
+        return out if layout is None or out.is_contiguous(memory_format=layout) else out.contiguous(memory_format=layout)
 
+    def _blend(self, index: int, target: FuseTarget, y, deltas, f_both) -> torch.Tensor:
+        """`blend`: both deltas weighted by their KL divergences (blend.py), per row or per token."""
+        with torch.no_grad():
+            kl = blend.token_kl(f_both, y, channel_dim(target.subject))
+            if not self.per_token:
+                kl = blend.row_mean(kl)
+            partners = self._partner_rows(y.shape[0], y.device) if self.tie_rows else None
+            if partners is not None:
+                kl = kl + kl.index_select(1, partners)
+            weights = blend.blend_weights(kl, self.sharpness, self._log_ratio)
+        slot = self._record_slot.get(index)
+        if slot is not None and self.record is not None:   # the subject's share of the weight, per row
+            share = weights[0] / weights.sum(0)
+            self.record.add_rows(self._step, slot, blend.row_mean(share[None])[0], self._row_labels(y.shape[0]))
+        return blend.blended(y, deltas.to(weights.dtype), weights)
 
-def _plus(y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """y + d; while sampling (no autograd) added into d, the hook's own fresh delta, when d has y's layout: the
-    same bits and the same memory format as y + d, without a new tensor."""
-    if torch.is_grad_enabled() or d.stride() != y.stride() or d.shape != y.shape:
-        return y + d
-    return d.add_(y)
+    def _plus(self, index: int, form: str, module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + the deltas of `form` for input x."""
+        return branches.plus_deltas(self._prepared(index, form, module, x), x, module, y)
 
 
 def fuse(model: torch.nn.Module, subject, style, method: str = "dynamic", criterion: str = "kl", name_map=None,
          text_encoders=None, **session_kwargs) -> FuseSession:
-    """Resolve two `LoraFile`s onto `model` (targets.py) and return an unopened FuseSession (use it with `with`).
+    """Resolve two `LoraFile`s (or paths, read at weight 1) onto `model` (targets.py) and return an unopened
+    FuseSession (use it with `with`).
 
-    session_kwargs: klora_alpha, klora_beta, klora_scale, te_mode, record, weight_space (while open, every delta
+    session_kwargs: klora_alpha, klora_beta, klora_scale, te_mode, record, tie_rows, subject_window, style_window,
+    weight_space (while open, every delta
     that does not depend on the input is baked into the weights: merge, K-LoRA's pick, layers one LoRA touches;
     see baked.py), backup_device. K-LoRA's weight statistics are
     cached by the files' sha256 and weights. The resolve report is kept as `session.resolved` (its
-    `warnings` list partial matches).
+    `warnings` list partial matches; they are also logged and issued as `LoraMatchWarning`s).
     """
-    from .targets import resolve_targets
+    if not isinstance(model, torch.nn.Module):
+        hint = ("for a diffusers pipeline use fuse_pipeline(pipe, ...) (steps and cond/uncond rows wired) or "
+                "fuse(pipe.unet, ...)") if hasattr(model, "unet") else "give the torch model whose layers the LoRAs change"
+        raise TypeError(f"DynFuse: fuse() takes a torch.nn.Module, got a {type(model).__name__}; {hint}")
+    from .targets import as_lora_file, resolve_targets
+    subject, style = as_lora_file(subject, "subject"), as_lora_file(style, "style")
     resolved = resolve_targets(model, subject, style, name_map=name_map, text_encoders=text_encoders)
     key = None
     if getattr(subject, "sha256", None) and getattr(style, "sha256", None):

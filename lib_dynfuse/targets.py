@@ -2,22 +2,33 @@
 
 Rules: a LoRA with UNet keys of which none matches is a `LoraMatchError` naming its first unmatched keys
 (e.g. an SDXL LoRA on an SD1.5 UNet); partial matches go to `warnings`; text-encoder keys with no text
-encoder given are `skipped`, not errors. A delta whose shape does not fit its module's weight is a
-`LoraShapeError`, never applied. Linear <-> 1x1 conv deltas (SD1.5 conv proj_in vs SDXL linear proj_in,
+encoder given are `skipped`, not errors. Every warning is also logged (logger `lib_dynfuse`) and issued as a
+`LoraMatchWarning`, so that a library user sees it without reading `warnings`. A delta whose shape does not
+fit its module's weight is a `LoraShapeError`, never applied. Linear <-> 1x1 conv deltas (SD1.5 conv proj_in vs SDXL linear proj_in,
 LoRAs trained on either) are reshaped to the module's kind.
 """
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import warnings as pywarnings
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .layer_delta import FuseTarget, LayerDelta
-from .lora_file import LayerKey, LoraFile
+from .lora_file import LayerKey, LoraFile, load_lora
 from .name_maps import TE_GROUPS, ModuleNameMap, as_name_map
 
 SHOWN_KEYS = 5
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+log = logging.getLogger("lib_dynfuse")
+
+
+class LoraMatchWarning(UserWarning):
+    """A LoRA only partly fits the model (layers ignored or skipped), or subject and style are one file."""
 
 
 class LoraMatchError(ValueError):
@@ -64,6 +75,27 @@ def text_encoder_roots(text_encoders: TextEncoders) -> Dict[str, torch.nn.Module
             raise ValueError(f"text_encoders keys must be {TE_GROUPS}, got {sorted(unknown)}")
         return {g: m for g, m in text_encoders.items() if m is not None}
     return {g: m for g, m in zip(TE_GROUPS, text_encoders) if m is not None}
+
+
+def as_lora_file(value, role: str) -> Optional[LoraFile]:
+    """A LoraFile (or None) as given, or one read from a path with `load_lora` at weight 1."""
+    if value is None or hasattr(value, "layers"):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return load_lora(value)
+    raise TypeError(f"DynFuse: {role} must be a LoraFile from lib_dynfuse.load_lora(path, weight) or a path to a "
+                    f".safetensors file, got {type(value).__name__}")
+
+
+def publish_warnings(messages: Sequence[str]) -> None:
+    """Log each message (logger `lib_dynfuse`) and issue it as a LoraMatchWarning at the caller's first frame
+    outside lib_dynfuse."""
+    frame, level = sys._getframe(0), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(PACKAGE_DIR + os.sep):
+        frame, level = frame.f_back, level + 1
+    for message in messages:
+        log.warning("%s", message)
+        pywarnings.warn(message, LoraMatchWarning, stacklevel=level)
 
 
 def fit_to_weight(delta: LayerDelta, weight: torch.Tensor) -> LayerDelta:
@@ -172,13 +204,19 @@ def _check(role: str, lora: LoraFile, report: LoraMatchReport, problems: List[st
                         f"(first: {', '.join(report.duplicates[:SHOWN_KEYS])})")
 
 
-def resolve_targets(model: torch.nn.Module, subject: Optional[LoraFile], style: Optional[LoraFile],
+LoraInput = Union[None, LoraFile, str, "os.PathLike[str]"]
+
+
+def resolve_targets(model: torch.nn.Module, subject: LoraInput, style: LoraInput,
                     name_map=None, text_encoders: TextEncoders = None) -> ResolveResult:
     """Union of both LoRAs' layers on `model` (and text encoders) as FuseTargets; errors for LoRAs that don't fit.
 
-    name_map: None = `ModuleNameMap` over model and text encoders (diffusers, kohya and compvis names), or a
-    host's map (object with `resolve(key)` and optionally `module(name)`, or a plain callable).
+    subject, style: LoraFiles from `load_lora`, or paths (read at weight 1). name_map: None = `ModuleNameMap`
+    over model and text encoders (diffusers, kohya and compvis names), or a host's map (object with
+    `resolve(key)` and optionally `module(name)`, or a plain callable). Warnings are also published
+    (`publish_warnings`).
     """
+    subject, style = as_lora_file(subject, "subject"), as_lora_file(style, "style")
     te_roots = text_encoder_roots(text_encoders)
     name_map = as_name_map(name_map) if name_map is not None else ModuleNameMap({"unet": model, **te_roots})
     warnings: List[str] = []
@@ -190,6 +228,10 @@ def resolve_targets(model: torch.nn.Module, subject: Optional[LoraFile], style: 
         found, report, problems = _resolve_one(lora, name_map, model, set(te_roots))
         _check(role, lora, report, problems, warnings)
         reports[role], resolved[role] = report, found
+    if subject is not None and style is not None and getattr(subject, "sha256", "") \
+            and subject.sha256 == getattr(style, "sha256", None):
+        warnings.append(f"subject LoRA '{subject.name}' and style LoRA '{style.name}' are the same file (sha256 "
+                        f"{subject.sha256[:12]}): fusing a LoRA with itself only changes its weight")
     order = getattr(name_map, "order", None) or {}
     names: List[str] = []
     for found in resolved.values():
@@ -202,4 +244,5 @@ def resolve_targets(model: torch.nn.Module, subject: Optional[LoraFile], style: 
         module, group = (sub or sty)[0], (sub or sty)[1]
         targets.append(FuseTarget(name=name, module=module, subject=sub[2] if sub else None,
                                   style=sty[2] if sty else None, group=group))
+    publish_warnings(warnings)
     return ResolveResult(targets=targets, reports=reports, warnings=warnings)

@@ -14,6 +14,7 @@ if _ROOT not in sys.path:
 from lib_dynfuse import __version__  # noqa: E402
 from lib_dynfuse.hosts import adapter, common, ui as dynfuse_ui  # noqa: E402
 from lib_dynfuse.hosts import guidance_run  # noqa: E402  (latent refinement, issue 4)
+from lib_dynfuse.hosts import score_run  # noqa: E402  (CLIP score, Style Sim, DINO score)
 
 HOST = adapter()
 
@@ -45,6 +46,9 @@ class Script(scripts.Script):
             hook(p, **kwargs)
         guidance_run.before_every_sampling(HOST, p)   # correction hooks on this pass's CFG denoiser
 
+    def postprocess_image_after_composite(self, p, pp, *args):
+        score_run.score_image(HOST, p, pp)   # before the host writes this image's infotext
+
     def postprocess(self, p, processed, *args):
         guidance_run.finish(HOST, p, processed)
         common.finish(HOST, p, processed)
@@ -68,8 +72,16 @@ def _register_extra_network():
     extra_networks.register_extra_network(ExtraNetworkDynLora())
 
 
+def _score_route(body: dict):
+    """POST /dynfuse/v1/score: {"images", "subject_refs", "style_refs"} (base64) -> the scores or {"error"}."""
+    from fastapi.responses import JSONResponse
+    status, payload = score_run.api_score(HOST, body)
+    return JSONResponse(payload, status_code=status)
+
+
 def _add_routes(demo, app):
     app.add_api_route("/dynfuse/v1/info", lambda: common.info(HOST, __version__), methods=["GET"])
+    app.add_api_route("/dynfuse/v1/score", _score_route, methods=["POST"])
 
 
 # extra_networks.initialize() clears the registry after scripts load: register before the UI (real-host-facts.md)

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from tests.fixtures import lora_files, models
 from tests.standins.env import HostEnv, hooks_left, images_equal
@@ -35,6 +36,11 @@ def env(tmp_path_factory):
                                 metadata={"ss_base_model_version": "sdxl_base_v1-0"})
     lora_files.write_kohya_lora(models.tiny_sdxl_unet(0), folder / "misfit.safetensors", seed=5)
     (folder / "broken.safetensors").write_bytes(b"\xff" * 64)
+    for name, key in (("nan", "lora_up.weight"), ("nanalpha", "alpha")):   # read by the builtin loader as they are
+        lora_files.write_kohya_lora(unet, folder / f"{name}.safetensors", seed=6, metadata=sd1)
+        tensors = load_file(str(folder / f"{name}.safetensors"))
+        tensors[sorted(k for k in tensors if k.endswith(key))[0]].fill_(float("nan"))
+        save_file(tensors, str(folder / f"{name}.safetensors"))
     with HostEnv(str(folder)) as e:
         yield e
 
@@ -235,6 +241,8 @@ def test_rows_are_labelled_per_unet_call(env, batched, want):
     (dict(enabled=True, subject="subj", style="xl"), "'xl' is for SDXL, but the loaded model is SD1"),
     (dict(enabled=True, subject="misfit", style="sty"), "'misfit' does not fit the loaded model"),
     (dict(enabled=True, subject="subj", style="broken"), "could not read LoRA 'broken'"),
+    (dict(enabled=True, subject="subj", style="nan"), "LoRA 'nan' holds NaN or Inf values in layer"),
+    (dict(enabled=True, subject="nanalpha", style="sty"), "LoRA 'nanalpha' holds NaN or Inf values in layer"),
     (dict(enabled=True, subject="subj", style="subj"), "subject and style are the same LoRA"),
     ({"prompt": PROMPT + " <dynlora:subj>"}, "two LoRA names (got 1: 'subj')"),
     ({"api": {"subject": "subj", "style": "sty", "method": "best"}}, "method must be one of dynamic, klora, merge"),
@@ -303,7 +311,7 @@ def test_infotext_pastes_back_into_the_controls(env):
     index = {id(c): i for i, c in enumerate(controls)}
     pasted = {index[id(c)]: getter(params) for c, getter in env.script.infotext_fields}
     want = env.ui_values(**values)
-    assert set(pasted) == {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 19, 20}
+    assert set(pasted) == {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 19, 20, 23}
     assert {i: pasted[i] for i in pasted} == {i: want[i] for i in pasted}
     assert pasted[0] is True
     assert [g({"Prompt": "x"}) for c, g in env.script.infotext_fields][0] is False

@@ -175,6 +175,19 @@ def test_wrong_shapes_are_refused(fh):
 
 
 # ---------------------------------------------------------------------------- the per-call UNet wrapper
+@pytest.mark.parametrize("key", ["lora_up.weight", "alpha"])
+def test_a_lora_with_nan_values_is_refused_naming_it_and_the_layer(fh, sd15_files, tmp_path, key):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(sd15_files["style"][0]))
+    tensors[sorted(k for k in tensors if k.endswith(key))[0]].fill_(float("nan"))
+    save_file(tensors, str(tmp_path / "nan.safetensors"))
+    host, run, p, unet = _host_and_p(fh, dict(sd15_files, nan=(tmp_path / "nan.safetensors", None)), style="nan")
+    before = {k: v.clone() for k, v in unet.model.state_dict().items()}
+    assert run.prepare(p) is None
+    assert any("LoRA 'nan' holds NaN or Inf values in layer" in m and "without fusion" in m for m in run.messages)
+    assert all(torch.equal(v, before[k]) for k, v in unet.model.state_dict().items())
+
+
 def _host_and_p(fh, sd15_files, method="dynamic", steps=3, **kw):
     _register(fh, sd15_files)
     unet, clip = fh.world.sd15_unet_patcher(), fh.world.sd15_clip()
@@ -206,7 +219,7 @@ def _reference_subject_only(unet_model, written, x, ctx, uncond_ctx=None):
             h.remove()
 
 
-def test_zero_style_gives_exactly_the_subject_output_and_hooks_live_one_call(fh, sd15_files):
+def test_zero_style_gives_the_subject_output_and_hooks_live_one_call(fh, sd15_files):
     host, run, p, unet = _host_and_p(fh, sd15_files)
     x, ctx = _inputs()
     before = {k: v.clone() for k, v in unet.model.state_dict().items()}
@@ -224,7 +237,8 @@ def test_zero_style_gives_exactly_the_subject_output_and_hooks_live_one_call(fh,
     patched.model_options["model_function_wrapper"] = spy
     cond, uncond = _sample_step(fh, p, x, ctx)
     ref = _reference_subject_only(unet.model, sd15_files["subject"][1], x, ctx, ctx.flip(1))
-    assert torch.equal(torch.cat([uncond, cond]), ref)
+    # the hooks compute both branches side by side, the reference the subject alone: equal within rounding
+    torch.testing.assert_close(torch.cat([uncond, cond]), ref, rtol=1e-4, atol=1e-5)
     assert seen == [0] and _hook_counts(unet.model) == 0 and hooks.calls == 1
     assert all(torch.equal(v, before[k]) for k, v in unet.model.state_dict().items())
     plain = unet.model.apply_model(x, torch.full((1,), 500.0), c_crossattn=ctx)
@@ -319,7 +333,7 @@ def test_hooks_work_under_inference_mode_on_inference_weights(fh, sd15_files):
         x, ctx = _inputs()
         cond, uncond = _sample_step(fh, p, x, ctx)
         ref = _reference_subject_only(unet.model, sd15_files["subject"][1], x, ctx, ctx.flip(1))
-    assert torch.equal(torch.cat([uncond, cond]), ref)
+    torch.testing.assert_close(torch.cat([uncond, cond]), ref, rtol=1e-4, atol=1e-5)   # other rounding, see above
     assert _hook_counts(unet.model) == 0
 
 
@@ -476,7 +490,7 @@ def test_text_encoder_hooks_live_only_inside_setup_conds(fh, sd15_files):
     finally:
         for h in handles:
             h.remove()
-    assert torch.equal(seen["out"], ref)
+    torch.testing.assert_close(seen["out"], ref, rtol=1e-4, atol=1e-5)   # the hook folds the scale into up
     host.uninstall(p)
     assert "_dynfuse_wrapped" not in p.__dict__
 

@@ -84,13 +84,14 @@ def case(request, tmp_path_factory):
                 written={"subject": subject_w, "style": style_w})
 
 
-def test_zero_style_gives_exactly_the_subject_alone(case):
+def test_zero_style_gives_the_subject_alone(case):
     unet, inputs, files = case["unet64"], case["inputs64"], case["files"]
     with fuse(unet, files["subject"], files["zero"], method="dynamic", criterion="kl") as session:
         fused = unet_forward(unet, inputs)
     with fuse(unet, files["subject"], None):
         subject_only = unet_forward(unet, inputs)
-    assert torch.equal(fused, subject_only)
+    # both branches are computed side by side, the subject alone by one addmm: the same maths, other rounding
+    torch.testing.assert_close(fused, subject_only, **TOL)
     assert not torch.isnan(fused).any()
     assert torch.all(session.selection == 1.0)   # every layer, every row kept the subject
     merged = _merged(case["unet"], case["written"]["subject"])

@@ -4,8 +4,7 @@ Tolerances: the criteria run in float32 with torch's reductions, the references 
 they are compared with allclose (rtol 1e-5, atol 1e-7: float32 rounding of values of order 1e-2..1).
 K-LoRA's tables use the same IEEE float64 operations in the same order as the references: compared exactly.
 Bits are compared only where the same ops run on tensors of the same shape and layout (a CPU's vector width
-decides the order of a reduction and which elements take a kernel's scalar tail): KL scores of the same output
-reduced in another shape (token blocks, a [2, ...] stack) are compared with SCORE_TOL.
+decides the order of a reduction and which elements take a kernel's scalar tail).
 """
 import math
 
@@ -13,8 +12,6 @@ import pytest
 import torch
 
 from lib_dynfuse import selection as sel
-
-SCORE_TOL = dict(rtol=1e-6, atol=1e-6)   # float64 means of float32 terms of order 1-10
 
 
 def _softmax(values):
@@ -95,115 +92,82 @@ def test_kl_and_js_match_loop_reference(layout):
     base, hat = _pair(shape)
     cdim = 1 if conv else -1
     logp, logp_hat = sel.channel_log_probs(base, cdim), sel.channel_log_probs(hat, cdim)
-    kl = sel.kl_from_delta_per_row(hat, hat - base, sel.channel_logsumexp(base, cdim), cdim)
-    js = sel.js_per_row(logp_hat, logp)
+    kl, js = sel.kl_per_row(logp_hat, logp), sel.js_per_row(logp_hat, logp)
     assert kl.shape == js.shape == (shape[0],)
     torch.testing.assert_close(kl.double(), torch.tensor(_ref_kl(hat, base, conv), dtype=torch.float64),
                                rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(js.double(), torch.tensor(_ref_js(hat, base, conv), dtype=torch.float64),
                                rtol=1e-5, atol=1e-7)
     # KL is asymmetric, JS symmetric (both use the same per-token distributions)
-    kl_back = sel.kl_from_delta_per_row(base, base - hat, sel.channel_logsumexp(hat, cdim), cdim)
+    kl_back = sel.kl_per_row(logp, logp_hat)
     torch.testing.assert_close(kl_back.double(), torch.tensor(_ref_kl(base, hat, conv), dtype=torch.float64),
                                rtol=1e-5, atol=1e-7)
     assert not torch.allclose(kl_back, kl, rtol=1e-3)
     torch.testing.assert_close(sel.js_per_row(logp, logp_hat), js, rtol=1e-6, atol=1e-8)
-    # the criterion entry point gives the same KL from the deltas the hooks hold
+    # the criterion entry point gives the same KL from a delta
     d_c, _ = sel.branch_divergences("kl", base, hat - base, torch.zeros_like(base), cdim)
     torch.testing.assert_close(d_c, kl, rtol=1e-6, atol=1e-8)
 
 
+def _scores(criterion, base, d_c, d_s, cdim):
+    """The hooks' scores for two deltas, as (s_c, s_s) [B] (branch_scores keeps size-1 feature dims)."""
+    scores = sel.branch_scores(criterion, base, sel.branch_outputs(base, torch.stack([d_c, d_s])), cdim)
+    assert scores.dtype == torch.float64 and scores.shape == (2, base.shape[0]) + (1,) * (base.dim() - 1)
+    return scores.reshape(2, -1).unbind(0)
+
+
 @pytest.mark.parametrize("layout", sorted(FEATURES))
 def test_kl_scores_differ_by_the_kl_difference(layout):
-    """The hooks' KL scores drop LSE(F), which both branches share: s_c - s_s = KL_c - KL_s (float64 loop
-    reference) and the choice is the divergences' choice, row by row, both ways."""
+    """The hooks' KL scores drop LSE(F), which both branches share, and sum over tokens: s_c - s_s = tokens x
+    (KL_c - KL_s) (float64 loop reference), and the choice is the divergences' choice, row by row, both ways."""
     shape, conv = FEATURES[layout]
     cdim = 1 if conv else -1
     g = torch.Generator().manual_seed(11)
     base = torch.randn(shape, generator=g)
     d_c, d_s = 0.5 * torch.randn(shape, generator=g), 0.5 * torch.randn(shape, generator=g)
     d_s[0] *= 3.0   # row 0: the style changes far more; the others by chance
-    f_c, f_s = base + d_c, base + d_s
-    s_c, s_s = sel.selection_scores("kl", base, f_c, f_s, cdim, d_c, d_s)
-    assert s_c.dtype == torch.float64 and s_c.shape == (shape[0],)
-    ref = torch.tensor(_ref_kl(f_c, base, conv), dtype=torch.float64) - torch.tensor(_ref_kl(f_s, base, conv),
-                                                                                    dtype=torch.float64)
-    torch.testing.assert_close(s_c - s_s, ref, rtol=1e-5, atol=1e-6)
+    s_c, s_s = _scores("kl", base, d_c, d_s, cdim)
+    tokens = base[0].numel() // shape[cdim]
+    ref = torch.tensor(_ref_kl(base + d_c, base, conv), dtype=torch.float64) - torch.tensor(
+        _ref_kl(base + d_s, base, conv), dtype=torch.float64)
+    torch.testing.assert_close((s_c - s_s) / tokens, ref, rtol=1e-5, atol=1e-6)
     kl_c, kl_s = sel.branch_divergences("kl", base, d_c, d_s, cdim)
     assert sel.choose_subject(s_c, s_s).tolist() == sel.choose_subject(kl_c, kl_s).tolist() == (ref >= 0).tolist()
     assert sel.choose_subject(s_c, s_s).tolist()[0] is False
-    # the deltas formed from the outputs when the caller has none
-    s_c2, s_s2 = sel.selection_scores("kl", base, f_c, f_s, cdim)
-    torch.testing.assert_close(s_c2 - s_s2, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_equal_deltas_score_equal_bits_in_either_layout():
-    """Equal branches tie exactly (ties keep the subject), also for a channels_last conv output; a zero delta
-    scores exactly -mean LSE(F)."""
+@pytest.mark.parametrize("criterion", ["js", "cosine", "dot"])
+@pytest.mark.parametrize("layout", sorted(FEATURES))
+def test_other_scores_are_the_divergences(criterion, layout):
+    shape, conv = FEATURES[layout]
+    cdim = 1 if conv else -1
+    g = torch.Generator().manual_seed(12)
+    base = torch.randn(shape, generator=g)
+    d_c, d_s = 0.5 * torch.randn(shape, generator=g), 0.3 * torch.randn(shape, generator=g)
+    s_c, s_s = _scores(criterion, base, d_c, d_s, cdim)
+    ref = {"js": lambda h: _ref_js(h, base, conv), "cosine": lambda h: _ref_cosine(h, base),
+           "dot": lambda h: _ref_dot(h, base)}[criterion]
+    torch.testing.assert_close(s_c, torch.tensor(ref(base + d_c), dtype=torch.float64), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(s_s, torch.tensor(ref(base + d_s), dtype=torch.float64), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("criterion", sel.CRITERIA)
+def test_equal_deltas_score_equal_bits_in_either_layout(criterion):
+    """Equal branches tie exactly (ties keep the subject), also for a channels_last conv output: both branches
+    are reduced by the same op over one stacked tensor."""
     base, hat = _pair((2, 8, 5, 5), seed=7)
-    channels_last = base.to(memory_format=torch.channels_last)
     delta = hat - base
-    for y in (base, channels_last):
-        s_c, s_s = sel.selection_scores("kl", y, y + delta, (base + delta).clone(), 1, delta, delta.clone())
-        assert torch.equal(s_c, s_s) and sel.choose_subject(s_c, s_s).all()
-        zero = torch.zeros_like(base)
-        z_c, z_s = sel.selection_scores("kl", y, y + zero, base.clone(), 1, zero, zero)
-        assert torch.equal(z_c, z_s)
-        lse = sel.channel_logsumexp(base, 1)    # the same ops on the same bits: the mean as _row_means64 takes it
-        assert torch.equal(z_c, (-lse).reshape(2, -1).mean(1, dtype=torch.float64))
+    for y in (base, base.to(memory_format=torch.channels_last)):
+        for d in (delta, torch.zeros_like(base)):
+            s_c, s_s = _scores(criterion, y, d, d.clone(), 1)
+            assert torch.equal(s_c, s_s) and sel.choose_subject(s_c, s_s).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(3, 37, 16), (5, 16)])
-def test_blocked_kl_scores_are_the_whole_tensor_scores(shape, dtype):
-    """Token blocks (here 5 rows of 16 channels, the last block short) write the same F_c, F_s, bit for bit (one
-    addition per element), and give the scores of one pass over the whole output and of `selection_scores`
-    (also for a float64 layer, whose dF is rounded to float32 before it weighs the float32 softmax, as in
-    `_kl_terms`). The scores are compared to float32 rounding: their reductions and exp2 run over tensors of
-    other shapes, and a CPU's vector width decides their order and which elements take the scalar tail."""
-    g = torch.Generator().manual_seed(21)
-    base = 4.0 * torch.randn(shape, generator=g, dtype=dtype)
-    d_c, d_s = torch.randn(shape, generator=g, dtype=dtype), 0.5 * torch.randn(shape, generator=g, dtype=dtype)
-    whole, blocked = torch.empty((2,) + shape, dtype=dtype), torch.full((2,) + shape, float("nan"), dtype=dtype)
-    ref = sel.kl_scores_with_outputs(base, d_c, d_s, whole, -1)           # small: one block
-    got = sel.kl_scores_with_outputs(base, d_c, d_s, blocked, -1, block_bytes=4 * 16 * 5)
-    assert torch.equal(blocked, whole) and torch.equal(whole[0], base + d_c) and torch.equal(whole[1], base + d_s)
-    for g_, r_, s_ in zip(got, ref, sel.selection_scores("kl", base, base + d_c, base + d_s, -1, d_c, d_s)):
-        assert g_.dtype == torch.float64
-        torch.testing.assert_close(g_, r_, **SCORE_TOL)
-        torch.testing.assert_close(g_, s_, **SCORE_TOL)
-
-
-def test_blocked_kl_scores_leave_conv_outputs_whole():
-    """Channels on dim 1 (a conv output) cannot be cut into token rows: the whole tensor is scored (the outputs bit
-    for bit; the scores, reduced over a [2, ...] stack instead of each branch, to float32 rounding)."""
-    g = torch.Generator().manual_seed(22)
-    base = torch.randn(2, 6, 4, 5, generator=g)
-    d_c, d_s = torch.randn(2, 6, 4, 5, generator=g), torch.randn(2, 6, 4, 5, generator=g)
-    out = torch.empty((2,) + tuple(base.shape))
-    got = sel.kl_scores_with_outputs(base, d_c, d_s, out, 1, block_bytes=4 * 6)
-    ref = sel.selection_scores("kl", base, base + d_c, base + d_s, 1, d_c, d_s)
-    assert torch.equal(out[0], base + d_c) and torch.equal(out[1], base + d_s)
-    torch.testing.assert_close(got[0], ref[0], **SCORE_TOL)
-    torch.testing.assert_close(got[1], ref[1], **SCORE_TOL)
-
-
-@pytest.mark.parametrize("keep", [[True, True, True], [False, False, False], [True, False, True], [False, True, False]])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_kept_rows_are_where_bits_and_layout(keep, channels_last):
-    """Rows of F_c where the row keeps the subject, else of F_s: the bits and memory layout of torch.where; a batch
-    that keeps one branch gets that branch's tensor itself (no copy), a mixed one has F_c's style rows replaced."""
+def test_kept_branch_is_where():
     g = torch.Generator().manual_seed(23)
-    f_c, f_s = torch.randn(3, 4, 5, 6, generator=g), torch.randn(3, 4, 5, 6, generator=g)
-    if channels_last:
-        f_c, f_s = f_c.to(memory_format=torch.channels_last), f_s.to(memory_format=torch.channels_last)
-    choose = torch.tensor(keep)
-    ref = torch.where(choose[:, None, None, None], f_c, f_s)
-    got = sel.kept_rows(choose, f_c.clone(memory_format=torch.preserve_format), f_s)
-    assert torch.equal(got, ref) and got.stride() == ref.stride()
-    c_alias, s_alias = f_c.clone(memory_format=torch.preserve_format), f_s.clone(memory_format=torch.preserve_format)
-    got = sel.kept_rows(choose, c_alias, s_alias)
-    assert got is (c_alias if any(keep) else s_alias)
+    f_both = torch.randn(2, 3, 4, 5, generator=g)
+    choose = torch.tensor([True, False, True]).view(3, 1, 1)
+    assert torch.equal(sel.kept_branch(choose, f_both), torch.where(choose, f_both[0], f_both[1]))
 
 
 def test_conv_tokens_are_pixels_and_channels_are_dim1():
@@ -235,7 +199,7 @@ def test_zero_delta_diverges_by_exactly_nothing_and_ties_go_to_subject(criterion
     if criterion == "kl":   # exactly 0 by construction: both LSEs come from the same bits
         assert torch.equal(d_c, torch.zeros(2))
     elif criterion != "dot":  # js, cosine: 0 up to the rounding of log/cosine; dot is -mean(F*F), not a divergence
-        torch.testing.assert_close(d_c, torch.zeros(2), rtol=0, atol=1e-6)
+        torch.testing.assert_close(d_c, torch.zeros_like(d_c), rtol=0, atol=1e-6)
     assert sel.choose_subject(d_c, d_s).tolist() == [True, True]
     assert sel.choose_subject(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5])).tolist() == [True, False]
 
@@ -243,9 +207,9 @@ def test_zero_delta_diverges_by_exactly_nothing_and_ties_go_to_subject(criterion
 @pytest.mark.parametrize("criterion", sel.CRITERIA)
 def test_all_zero_features_give_no_nan(criterion):
     zero = torch.zeros(2, 3, 4)
-    d_c, d_s = sel.branch_divergences(criterion, zero, zero, zero, -1)
-    assert not torch.isnan(d_c).any() and not torch.isnan(d_s).any()
-    assert sel.choose_subject(d_c, d_s).all()
+    for d_c, d_s in (sel.branch_divergences(criterion, zero, zero, zero, -1), _scores(criterion, zero, zero, zero, -1)):
+        assert not torch.isnan(d_c).any() and not torch.isnan(d_s).any()
+        assert sel.choose_subject(d_c, d_s).all()
 
 
 @pytest.mark.parametrize("criterion", sel.CRITERIA)
@@ -261,7 +225,7 @@ def test_each_row_keeps_the_branch_that_changed_it_more(criterion, conv):
     d_s = torch.stack([small[0], big[1]])
     div_c, div_s = sel.branch_divergences(criterion, base, d_c, d_s, cdim)
     assert sel.choose_subject(div_c, div_s).tolist() == [True, False]
-    score_c, score_s = sel.selection_scores(criterion, base, base + d_c, base + d_s, cdim, d_c, d_s)
+    score_c, score_s = _scores(criterion, base, d_c, d_s, cdim)
     assert sel.choose_subject(score_c, score_s).tolist() == [True, False]
 
 
@@ -390,23 +354,27 @@ def test_schedule_progress_override_for_text_encoders():
 
 
 @pytest.mark.parametrize("layout", sorted(FEATURES))
-def test_kl_from_deltas_is_stable_for_large_features(layout):
-    """Features of magnitude ~100 (deep UNet layers): no overflow, still the loop reference."""
+def test_kl_is_stable_for_large_features(layout):
+    """Features of magnitude ~100 (deep UNet layers): no overflow, still the loop reference, in the per-branch
+    divergence and in the hooks' scores."""
     shape, conv = FEATURES[layout]
     base, hat = _pair(shape, seed=5)
     base, hat = 80.0 * base, 80.0 * base + 3.0 * (hat - base)
     cdim = 1 if conv else -1
-    kl = sel.kl_from_delta_per_row(hat, hat - base, sel.channel_logsumexp(base, cdim), cdim)
+    ref = torch.tensor(_ref_kl(hat, base, conv), dtype=torch.float64)
+    kl = sel.kl_per_row(sel.channel_log_probs(hat, cdim), sel.channel_log_probs(base, cdim))
     assert torch.isfinite(kl).all()
-    torch.testing.assert_close(kl.double(), torch.tensor(_ref_kl(hat, base, conv), dtype=torch.float64),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kl.double(), ref, rtol=1e-4, atol=1e-4)
+    s_c, s_s = _scores("kl", base, hat - base, torch.zeros_like(base), cdim)
+    tokens = base[0].numel() // shape[cdim]
+    torch.testing.assert_close((s_c - s_s) / tokens, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_zero_delta_is_exactly_zero_kl_for_channels_last_features():
     """A conv output in channels_last (as hosts may produce) and its copy in the standard layout: equal
-    values must give equal LSEs, so a zero delta diverges by exactly 0 and cannot win a tie."""
+    values must give equal log-probabilities, so a zero delta diverges by exactly 0 and cannot win a tie."""
     base, _ = _pair((2, 8, 5, 5), seed=7)
     channels_last = base.to(memory_format=torch.channels_last)
     zero = torch.zeros_like(base)
-    d_c, d_s = sel.output_divergences("kl", channels_last, base + zero, base.clone(), 1, zero, zero)
+    d_c, d_s = sel.output_divergences("kl", channels_last, base + zero, base.clone(), 1)
     assert torch.equal(d_c, torch.zeros(2)) and torch.equal(d_s, torch.zeros(2))

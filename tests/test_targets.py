@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lib_dynfuse import LayerKey, LoraMatchError, LoraShapeError, load_lora, resolve_targets
+from lib_dynfuse import LayerKey, LoraMatchError, LoraMatchWarning, LoraShapeError, load_lora, resolve_targets
 from tests.fixtures.lora_files import write_kohya_lora, write_peft_lora
 
 ATTN = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -77,7 +77,8 @@ def test_partial_match_is_reported(tmp_path, sd15_unet):
         tensors[f"{stem}.lora_down.weight"] = torch.ones(2, 8)
         tensors[f"{stem}.lora_up.weight"] = torch.ones(8, 2)
     save_file(tensors, str(path))
-    result = resolve_targets(sd15_unet, load_lora(path), None)
+    with pytest.warns(LoraMatchWarning, match="7 of"):
+        result = resolve_targets(sd15_unet, load_lora(path), None)
     report = result.reports["subject"]
     assert report.matched == len(written) == len(result.targets)
     assert sorted(report.unmatched) == sorted(f"unet:{s[10:]}" for s in extra)
@@ -89,11 +90,13 @@ def test_text_encoder_keys_skipped_without_encoder_and_targeted_with_it(tmp_path
     write_kohya_lora(sdxl_unet, tmp_path / "t.safetensors", style="compvis", targets=attn_only,
                      te_layers={"lora_te1": te1, "lora_te2": te2})
     lora = load_lora(tmp_path / "t.safetensors")
-    unet_only = resolve_targets(sdxl_unet, lora, None)
+    with pytest.warns(LoraMatchWarning, match="24 text-encoder layers skipped"):
+        unet_only = resolve_targets(sdxl_unet, lora, None)
     assert {t.group for t in unet_only.targets} == {"unet"}
     assert len(unet_only.reports["subject"].skipped) == 24 and unet_only.reports["subject"].unmatched == []
     assert "24 text-encoder layers skipped" in unet_only.warnings[0]
-    with_te1 = resolve_targets(sdxl_unet, lora, None, text_encoders=[te1])
+    with pytest.warns(LoraMatchWarning, match="12 text-encoder layers skipped"):
+        with_te1 = resolve_targets(sdxl_unet, lora, None, text_encoders=[te1])
     te_targets = [t for t in with_te1.targets if t.group == "te"]
     assert len(te_targets) == 12 and len(with_te1.reports["subject"].skipped) == 12
     assert all(t.name.startswith("te1:text_model.encoder.layers.") for t in te_targets)
@@ -154,7 +157,8 @@ def test_two_spellings_of_one_module_keep_the_first(tmp_path, sd15_unet):
     for k in list(tensors):
         tensors[k.replace("down_blocks_1_attentions_0", "input_blocks_4_1")] = tensors[k] * 2
     save_file(tensors, str(path))
-    result = resolve_targets(sd15_unet, load_lora(path), None)
+    with pytest.warns(LoraMatchWarning, match="already matched"):
+        result = resolve_targets(sd15_unet, load_lora(path), None)
     assert len(result.targets) == 1 and result.reports["subject"].duplicates
     assert "already matched" in result.warnings[0]
 
@@ -178,10 +182,13 @@ def test_host_name_maps(tmp_path, sd15_unet):
         def module(self, name):
             return marker
 
-    result = resolve_targets(sd15_unet, lora, None, name_map=HostMap())
+    with pytest.warns(LoraMatchWarning, match="1 of 2 layers match no module"):
+        result = resolve_targets(sd15_unet, lora, None, name_map=HostMap())
     assert [(t.name, t.module) for t in result.targets] == [("diffusion_model.x", marker)]
     assert result.reports["subject"].unmatched == ["unet:conv_in"]
-    plain = resolve_targets(sd15_unet, lora, None, name_map=lambda key: "conv_in" if key.name == "conv_in" else None)
+    conv_in_only = lambda key: "conv_in" if key.name == "conv_in" else None   # noqa: E731
+    with pytest.warns(LoraMatchWarning, match="1 of 2 layers match no module"):
+        plain = resolve_targets(sd15_unet, lora, None, name_map=conv_in_only)
     assert [(t.name, t.module) for t in plain.targets] == [("conv_in", sd15_unet.conv_in)]   # model.get_submodule
     assert plain.reports["subject"].unmatched == [f"unet:{ATTN.replace('.', '_')}"]
 

@@ -43,6 +43,11 @@ OPTIONS = {   # key -> (default, label)
     "dynfuse_dino_kind": ("dino-vits16", "DynFuse guidance: DINO model (dino-vits16, dino-vitb16, dinov2-small, dinov2-base)"),
     "dynfuse_dino_weights": ("", "DynFuse guidance: DINO weights file or folder (empty: models/dynfuse, then the hub cache)"),
     "dynfuse_show_references": (False, "DynFuse guidance: add the rendered references to the gallery"),
+    "dynfuse_score_clip_arch": ("", "DynFuse scores: CLIP architecture (empty: the guidance one; another one keeps "
+                                    "guided images from scoring high only because they were guided)"),
+    "dynfuse_score_clip_weights": ("", "DynFuse scores: CLIP weights file or folder (empty: as for guidance)"),
+    "dynfuse_score_dino_kind": ("", "DynFuse scores: DINO model (empty: the guidance one)"),
+    "dynfuse_score_dino_weights": ("", "DynFuse scores: DINO weights file or folder (empty: as for guidance)"),
 }
 TAESD_FILES = (("is_sd3", "taesd3_decoder.pth"), ("is_sdxl", "taesdxl_decoder.pth"))
 
@@ -150,6 +155,19 @@ class A1111Guidance:
         return dict(clip_arch=option("dynfuse_clip_arch"), clip_weights=option("dynfuse_clip_weights") or None,
                     dino_kind=option("dynfuse_dino_kind"), dino_weights=option("dynfuse_dino_weights") or None,
                     search_dirs=(self.models_dir(),), device=devices.device, dtype=torch.float32)
+
+    def score_encoder_settings(self) -> Dict[str, Any]:
+        """encoder_settings with the score options that are set (an architecture of its own drops the guidance
+        weights path, which belongs to the guidance architecture)."""
+        settings = self.encoder_settings()
+        for arch, weights in (("clip_arch", "clip_weights"), ("dino_kind", "dino_weights")):
+            own_arch = option(f"dynfuse_score_{arch}")
+            own_weights = option(f"dynfuse_score_{weights}") or None
+            if own_arch:
+                settings[arch], settings[weights] = own_arch, own_weights
+            elif own_weights:
+                settings[weights] = own_weights
+        return settings
 
     def decoder(self, p: Any, kind: str) -> Tuple[torch.nn.Module, str]:
         """TAESD when asked ('taesd') or available ('auto') and on disk; else the full first stage."""

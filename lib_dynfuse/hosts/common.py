@@ -48,7 +48,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequ
 import torch
 
 from ..args import ArgsError, FuseArgs
-from ..layer_delta import FuseTarget, LayerDelta
+from ..layer_delta import FuseTarget, LayerDelta, check_weight, delta_parts, first_nonfinite
 
 log = logging.getLogger("dynfuse")
 
@@ -250,9 +250,20 @@ def check_shapes(lora: HostLora) -> None:
         raise FuseInputError(f"DynFuse: LoRA {lora.name!r} changes no layer of the loaded model")
 
 
+def check_finite(lora: HostLora) -> None:
+    """Refuse a LoRA whose deltas (or scales, e.g. from a NaN alpha) hold NaN or Inf: every image would be NaN."""
+    bad = first_nonfinite((f"{name} ({part})", t) for name, layer in lora.layers.items()
+                          for part, t in delta_parts(layer.delta))
+    if bad is not None:
+        raise FuseInputError(f"DynFuse: LoRA {lora.name!r} holds NaN or Inf values in layer {bad} (a diverged "
+                             "training or a damaged file); it would turn every image into NaN")
+
+
 def pair_targets(subject: HostLora, style: HostLora, subject_weight: float, style_weight: float,
                  text_encoder: str) -> List[FuseTarget]:
     """One FuseTarget per layer either LoRA changes, weights applied; text-encoder layers dropped when 'off'."""
+    subject_weight = check_weight(subject_weight, "subject_weight")
+    style_weight = check_weight(style_weight, "style_weight")
     names = list(subject.layers) + [n for n in style.layers if n not in subject.layers]
     targets = []
     for name in names:
@@ -440,6 +451,7 @@ class FuseRun:
                     raise FuseInputError(f"DynFuse: could not read LoRA {name!r}: {type(e).__name__}: {e}") from e
                 check_base(lora, base)
                 check_shapes(lora)
+                check_finite(lora)
                 loras.append(lora)
             subject, style = loras
             for lora in loras:

@@ -22,8 +22,10 @@ it; they change the host's settings for as long as they run, so give the tests a
 Tolerances: the host's builtin Lora merges W + dW into the weights, while DynFuse adds the LoRA's output in low
 rank (W x + up(down(x))); both are exact maths but round differently, so `<dynlora:A:zero>` matches
 `<lora:A:1>` within MERGE_TOLERANCE (mean |diff| over pixels, 0..255). With the builtin's functional mode
-(`lora_functional`, A1111 only) the builtin also adds the low-rank output, and the images are compared exactly.
-Everything else here (extension off, repeated requests, plain images after fused ones) is compared bit-exactly.
+(`lora_functional`, A1111 only) the builtin also adds the low-rank output, but DynFuse computes both LoRAs side by
+side with the scale folded into the up weights (lib_dynfuse/branches.py), so these are compared within the same
+tolerance. Everything else here (extension off, repeated requests, plain images after fused ones) is compared
+bit-exactly.
 Only the standard library talks HTTP; the images are decoded with Pillow and NumPy (test requirements).
 """
 from __future__ import annotations
@@ -214,11 +216,12 @@ def test_zero_style_matches_builtin_lora_within_rounding(plain, subject_lora):
     assert mean_abs_diff(fused.image, plain.image) > 5.0
 
 
-def test_zero_style_matches_builtin_functional_lora_exactly(functional_mode):
+def test_zero_style_matches_builtin_functional_lora_within_rounding(functional_mode, plain):
     reference = txt2img(f"{PROMPT} <lora:{SUBJECT}:1>")
     fused = txt2img(f"{PROMPT} <dynlora:{SUBJECT}:{ZERO}>")
     assert fused.messages() == []
-    assert_same(fused.image, reference.image)
+    assert mean_abs_diff(fused.image, reference.image) <= MERGE_TOLERANCE
+    assert mean_abs_diff(fused.image, plain.image) > 5.0
 
 
 def test_functional_mode_fusion_ignores_weights_a_merge_mode_job_left_merged():
@@ -237,15 +240,15 @@ def test_functional_mode_fusion_ignores_weights_a_merge_mode_job_left_merged():
         reference = txt2img(f"{PROMPT} <lora:{SUBJECT}:1>")
     finally:
         ok("POST", "/sdapi/v1/options", {"lora_functional": before})
-    assert_same(fused.image, reference.image)
+    assert mean_abs_diff(fused.image, reference.image) <= MERGE_TOLERANCE
 
 
 def test_zero_subject_with_merge_matches_style_lora(functional_mode):
-    """merge = w_c dW_c + w_s dW_s: with a zero subject it is the style LoRA alone."""
+    """merge = w_c dW_c + w_s dW_s: with a zero subject it is the style LoRA alone (within rounding)."""
     reference = txt2img(f"{PROMPT} <lora:{STYLE}:1>")
     fused = txt2img(fuse=named(enabled=True, subject=ZERO, style=STYLE, method="merge"))
     assert fused.messages() == []
-    assert_same(fused.image, reference.image)
+    assert mean_abs_diff(fused.image, reference.image) <= MERGE_TOLERANCE
 
 
 def test_merge_is_the_hosts_own_weight_merge_where_the_host_owns_the_weights():
@@ -449,3 +452,50 @@ def test_missing_guidance_weights_give_the_unguided_image_and_a_one_line_message
     assert "guidance is off" in message and "RN50" in message and "\n" not in message, message
     assert "DynFuse guidance" not in missing.params
     assert missing.info["infotexts"][0].count("\n") <= 2      # prompt, negative prompt, one parameters line
+
+
+# ----------------------------------------------------------------------------- scores (Table 1 metrics)
+@pytest.fixture()
+def score_clip_arch():
+    """DYNFUSE_LIVE_CLIP_ARCH as the host's scoring CLIP for one test (the score route reads the host's settings)."""
+    if not CLIP_ARCH:
+        yield
+        return
+    before = ok("GET", "/sdapi/v1/options").get("dynfuse_score_clip_arch", "")
+    ok("POST", "/sdapi/v1/options", {"dynfuse_score_clip_arch": CLIP_ARCH})
+    try:
+        yield
+    finally:
+        ok("POST", "/sdapi/v1/options", {"dynfuse_score_clip_arch": before})
+
+
+def test_score_route_answers_scores_or_a_clear_message(plain, subject_lora, score_clip_arch):
+    status, out = call("POST", "/dynfuse/v1/score", {"images": [plain.png_b64, subject_lora.png_b64],
+                                                     "subject_refs": [plain.png_b64],
+                                                     "style_refs": subject_lora.png_b64, "names": ["plain", "lora"]})
+    if status == 503:
+        pytest.skip(f"the host has no scoring weights: {out['error'][:200]}")
+    assert status == 200, out
+    rows = {r["image"]: r for r in out["per_image"]}
+    assert rows["plain"]["clip_score"] == pytest.approx(1.0, abs=1e-3)      # an image is its own subject reference
+    assert rows["lora"]["style_sim"] == pytest.approx(1.0, abs=1e-3)
+    assert out["clip_score"] == pytest.approx((rows["plain"]["clip_score"] + rows["lora"]["clip_score"]) / 2)
+    status, bad = call("POST", "/dynfuse/v1/score", {"images": ["not base64!"], "subject_refs": plain.png_b64,
+                                                     "style_refs": plain.png_b64})
+    assert status == 400 and "images[0]" in bad["error"], bad
+
+
+def test_scores_go_into_the_infotext_and_leave_the_image(plain, subject_lora):
+    fields = dict(enabled=True, subject=SUBJECT, style=STYLE, subject_image=plain.png_b64,
+                  style_image=subject_lora.png_b64)
+    settings = {"override_settings": {"dynfuse_clip_arch": CLIP_ARCH}} if CLIP_ARCH else {}
+    scored = txt2img(fuse=named(score=True, **fields), seed=4245, **settings)
+    unscored = txt2img(fuse=named(**fields), seed=4245)
+    assert_same(scored.image, unscored.image, "scores change nothing")
+    message = scored.params.get("DynFuse message", "")
+    if "no CLIP" in message or "no DINO" in message:
+        pytest.skip(f"the host has no scoring weights: {message[:200]}")
+    value = scored.params.get("DynFuse scores", "")
+    assert value.startswith("CLIP score ") and "Style Sim " in value and "DINO score " in value, scored.params
+    assert "DynFuse scores: CLIP score" in scored.info["infotexts"][0]
+    assert "score: True" in scored.params[INFOTEXT_KEY]

@@ -15,7 +15,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-HOST_MODULES = ("modules", "networks", "network", "network_lora", "network_full", "extra_networks_lora", "gradio")
+HOST_MODULES = ("modules", "networks", "network", "network_lora", "network_full", "extra_networks_lora", "gradio",
+                "fastapi")
 
 
 def _is_host_module(name: str) -> bool:

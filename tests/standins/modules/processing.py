@@ -2,7 +2,8 @@
 
 process_images (processing.py:901-1148): scripts.process (:915) -> p.init (:921, hires job count :1290-1299) ->
 job_count (:929-930) -> per batch: parse_extra_network_prompts (:957), extra_networks.activate (:961),
-setup_conds (:966), p.sample (:987) -> decode -> nextjob (:1014) -> deactivate (:1132) -> Processed ->
+setup_conds (:966), p.sample (:987) -> decode -> per image postprocess_image_after_composite (:1079-1081), then
+its infotext (:1087) -> nextjob (:1014) -> deactivate (:1132) -> Processed ->
 scripts.postprocess (:1148); all under torch.no_grad() (:919).
 Txt2Img.sample (:1308-1345): a new sampler, process_before_every_sampling (:1338), sampler.sample; with hires:
 nextjob (:1425), activate(hr_extra_network_data) (:1437), calculate_hr_conds (:1440), a new sampler (:1386), before-every-sampling
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modules import extra_networks, script_callbacks, shared
+from modules import extra_networks, script_callbacks, scripts, shared
 from modules.shared import opts, state
 
 
@@ -334,6 +335,10 @@ def process_images(p):
                                subseed_strength=0, prompts=p.prompts)
             p.samples.append(samples)
             for i, image in enumerate(latents_to_images(samples)):
+                if p.scripts is not None:                            # processing.py:1079-1081, before infotext(i) (:1087)
+                    pp = scripts.PostprocessImageArgs(image)
+                    p.scripts.postprocess_image_after_composite(p, pp)
+                    image = pp.image
                 images.append(image)
                 infotexts.append(create_infotext(p, n * p.batch_size + i))
             state.nextjob()                                          # processing.py:1014

@@ -1,10 +1,16 @@
 """Stand-in of modules/scripts.py (v1.10.1): the Script base (:52-348) and the parts of ScriptRunner (:542-1025)
 that run always-on scripts: each hook gets `p.script_args[args_from:args_to]` positionally; exceptions in hooks
-are reported, not raised (:820-996).
+are reported, not raised (:820-996). PostprocessImageArgs (:32-34) carries one image through
+postprocess_image_after_composite (:273-280, runner :924-930).
 """
 import traceback
 
 AlwaysVisible = object()
+
+
+class PostprocessImageArgs:
+    def __init__(self, image):
+        self.image = image
 
 
 class Script:
@@ -31,6 +37,9 @@ class Script:
     def process_before_every_sampling(self, p, *args, **kwargs):
         pass
 
+    def postprocess_image_after_composite(self, p, pp, *args):
+        pass
+
     def postprocess(self, p, processed, *args):
         pass
 
@@ -52,6 +61,9 @@ class ScriptRunner:
 
     def process_before_every_sampling(self, p, **kwargs):
         self._each("process_before_every_sampling", p, **kwargs)
+
+    def postprocess_image_after_composite(self, p, pp):
+        self._each("postprocess_image_after_composite", p, pp)
 
     def postprocess(self, p, processed):
         self._each("postprocess", p, processed)
