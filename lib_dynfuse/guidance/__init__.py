@@ -32,6 +32,6 @@ from .references import (ReferenceCache, ReferenceImageError, ReferenceKey, deco
 from .score import (MetricScorer, ReferenceEmbeddings, ScoreResult, ScoreTerm, cosine_rows,  # noqa: F401
                     embed_images, paper_scorer, residual)
 from .store import EncoderStore  # noqa: F401
-from .step import (CorrectionInfo, LatentRefiner, apply_move, finite_rows, residual_grad_x0,  # noqa: F401
-                   residual_grad_xt)
+from .step import (CorrectionInfo, GuidedStep, LatentRefiner, apply_move, finite_rows,  # noqa: F401
+                   residual_grad_x0, residual_grad_xt, skipped_steps)
 from .weights import GuidanceUnavailable, hub_cache_dir  # noqa: F401

@@ -42,6 +42,21 @@ class CorrectionInfo:
         return self.grad.detach().flatten(1).norm(dim=1).float().cpu()
 
 
+@dataclass
+class GuidedStep:
+    """One correction of a sampling loop: its step, R per row before the move (on the device), and which rows
+    the move reached (None until it is applied). Read after sampling: nothing is synced while it runs."""
+    step: int
+    total: int
+    residual: torch.Tensor
+    moved: Optional[torch.Tensor] = None
+
+
+def skipped_steps(log) -> list:
+    """Steps of a GuidedStep log whose move some row did not take (a NaN/Inf gradient or moved latent)."""
+    return [e.step for e in log if e.moved is not None and not bool(e.moved.all())]
+
+
 @contextlib.contextmanager
 def grad_scope():
     """Grad on, inference mode off, for the body only; the caller's modes come back on exit."""

@@ -10,13 +10,12 @@ variable; the last step's move is added to what the pass returns.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
 from ..guidance import conversions as cv
-from ..guidance.step import apply_move
+from ..guidance.step import GuidedStep, apply_move
 
 
 def call_position(denoiser: Any) -> Tuple[int, int, bool]:
@@ -32,21 +31,13 @@ def call_position(denoiser: Any) -> Tuple[int, int, bool]:
     return call // per_step, (steps if steps else max(calls, call + 1)), call % per_step == 0
 
 
-@dataclass
-class StepLog:
-    step: int
-    total: int
-    residual: torch.Tensor                    # [B] on the device: read after sampling
-    moved: Optional[torch.Tensor] = None      # [B] bool, rows whose move was applied (None: not applied yet)
-
-
 class PassCorrection:
     """The correction state of one pass: its wrappers and the move of the last step, not yet applied."""
 
     def __init__(self, grun: Any, denoiser: torch.nn.Module, sampler: Any = None):
         self.grun, self.refiner, self.host, self.p = grun, grun.refiner, grun.host, grun.p
         self.denoiser, self.space = denoiser, grun.host.space(grun.p, denoiser)
-        self.pending: Optional[Tuple[torch.Tensor, StepLog]] = None
+        self.pending: Optional[Tuple[torch.Tensor, GuidedStep]] = None
         self._wrapped: List[Tuple[Any, str, Any, Any]] = []   # (object, attribute, ours, its own before)
         forward = denoiser.forward
 
@@ -93,12 +84,12 @@ class PassCorrection:
             got = self._xt_call(forward, args, kwargs, level, step)
             if got is not None:
                 out, info = got
-                self._queue(self.refiner.move(info), StepLog(step, steps, info.residual))
+                self._queue(self.refiner.move(info), GuidedStep(step, steps, info.residual))
                 return out
         out = forward(*args, **kwargs)
         x0 = cv.prediction_to_x0(self.space, x, out, level)
         info = self.refiner.grad_x0(x0, cv.x0_gain(self.space, level, x))
-        self._queue(self.refiner.move(info), StepLog(step, steps, info.residual))
+        self._queue(self.refiner.move(info), GuidedStep(step, steps, info.residual))
         return out
 
     def _xt_call(self, forward: Callable, args: tuple, kwargs: dict, level: torch.Tensor, step: int):
@@ -121,7 +112,7 @@ class PassCorrection:
             self.refiner.grad = "x0"
             return None
 
-    def _queue(self, move: torch.Tensor, entry: StepLog) -> None:
+    def _queue(self, move: torch.Tensor, entry: GuidedStep) -> None:
         self.grun.log.append(entry)
         self.pending = (move, entry)
 

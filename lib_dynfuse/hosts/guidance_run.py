@@ -34,7 +34,8 @@ from ..guidance import (EncoderStore, GuidanceUnavailable, LatentRefiner, Refere
 from ..guidance.triggers import reference_prompt
 from ..layer_delta import FuseTarget
 from . import common
-from .guidance_pass import PassCorrection, StepLog
+from ..guidance.step import GuidedStep, skipped_steps
+from .guidance_pass import PassCorrection
 
 log = logging.getLogger("dynfuse")
 
@@ -111,7 +112,7 @@ class GuidanceRun:
         self.images: Dict[str, Any] = {}
         self.prompts: Dict[str, str] = {}     # role -> the main prompt less the other LoRA's trigger words
         self.rendered: List[str] = []
-        self.log: List[StepLog] = []
+        self.log: List[GuidedStep] = []
         self.correction: Optional[PassCorrection] = None   # the current pass's
         self.host_state: Dict[str, Any] = {}   # what the GuidanceHost keeps for this generation only
 
@@ -233,7 +234,7 @@ class GuidanceRun:
 
     def skipped_steps(self) -> List[int]:
         """Steps whose move was left out for some row (a NaN/Inf gradient or moved latent); read after sampling."""
-        return [e.step for e in self.log if e.moved is not None and not bool(e.moved.all())]
+        return skipped_steps(self.log)
 
     def report_skipped(self) -> None:
         skipped = self.skipped_steps()
