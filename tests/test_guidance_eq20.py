@@ -127,6 +127,8 @@ class Host:
 
 
 class Run:
+    """A FuseRun as far as guidance's messages go."""
+
     def __init__(self):
         self.messages = []
 

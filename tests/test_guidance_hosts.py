@@ -19,6 +19,7 @@ from lib_dynfuse.hosts import guidance_run
 from tests.fixtures import lora_files, models
 from tests.standins.env import HostEnv, hooks_left, images_equal
 from tests.test_guidance_encoders import TINY_CLIP, save_clip, save_dino_folder, tiny_taesd
+from tests.test_guidance_eq20 import Host, Run   # a GuidanceHost of sampler spaces, a run that keeps notes
 
 PROMPT = "a photo of a cat"
 
@@ -288,24 +289,6 @@ class TimestepsDenoiser(torch.nn.Module):
         return out
 
 
-class FixedHost:
-    """A GuidanceHost whose denoiser is an eps predictor (the rest is never called in this test)."""
-
-    def space(self, p, denoiser):
-        return "ddpm"
-
-    def alphas_cumprod(self, p, denoiser):
-        return denoiser.alphas
-
-
-class NoteRun:
-    def __init__(self):
-        self.messages = []
-
-    def note(self, message, p=None):
-        self.messages.append(message)
-
-
 def _eps_guidance(seed: int, grad: str):
     """Tiny float64 CLIP/DINO/TAESD, the paper's scorer against two random references, an eps denoiser over 1000
     alphas and a GuidanceRun refining with `grad`; the generator goes on to make the test's inputs."""
@@ -317,7 +300,7 @@ def _eps_guidance(seed: int, grad: str):
                           torch.rand(1, 3, 32, 32, generator=g).double())
     alphas = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
     denoiser = TimestepsDenoiser(alphas)
-    grun = guidance_run.GuidanceRun(run=NoteRun(), host=FixedHost())
+    grun = guidance_run.GuidanceRun(run=Run(), host=Host())
     grun.refiner = LatentRefiner(decoder, scorer, scale=10.0, grad=grad)
     return decoder, scorer, alphas, denoiser, grun, g
 

@@ -395,3 +395,22 @@ def test_saved_activations_are_copied_so_in_place_residuals_can_be_differentiate
     (got,) = torch.autograd.grad(out, a)
     (want,) = torch.autograd.grad(block(a, False), a)
     assert torch.equal(got, want) and got.abs().max() > 0
+
+
+def test_sampler_spaces_follow_the_hosts_denoisers():
+    """Which variable the sampler moves: A1111's CFGDenoiserTimesteps (alphas) DDPM x, SD3 (is_sd3) the flow
+    latent, other k-diffusion denoisers x = x0 + sigma eps; Forge's classic_ddim_eps_estimation DDPM x, a
+    predictor with prediction_type 'const' (FLUX, SD3) the flow latent (k_prediction.py:94-96)."""
+    from lib_dynfuse.hosts.a1111_guidance import A1111Guidance
+    a1111, forge_glue = A1111Guidance(host=None), ForgeGuidance(host=None)
+    plain, sd3 = SimpleNamespace(sd_model=SimpleNamespace()), SimpleNamespace(sd_model=SimpleNamespace(is_sd3=True))
+    assert a1111.space(plain, SimpleNamespace(alphas=torch.ones(3))) == "ddpm"
+    assert (a1111.space(plain, SimpleNamespace()), a1111.space(sd3, SimpleNamespace())) == ("k", "flow")
+
+    def forge_p_with(kind):
+        predictor = SimpleNamespace(prediction_type=kind)
+        unet = SimpleNamespace(model=SimpleNamespace(predictor=predictor))
+        return SimpleNamespace(sd_model=SimpleNamespace(forge_objects=SimpleNamespace(unet=unet)))
+    assert forge_glue.space(forge_p_with("eps"), SimpleNamespace(classic_ddim_eps_estimation=True)) == "ddpm"
+    assert forge_glue.space(forge_p_with("const"), SimpleNamespace(classic_ddim_eps_estimation=False)) == "flow"
+    assert forge_glue.space(forge_p_with("v_prediction"), SimpleNamespace()) == "k"

@@ -189,8 +189,11 @@ class A1111Guidance:
 
     def space(self, p: Any, denoiser: Any) -> str:
         """CFGDenoiserTimesteps (it has `alphas`, sd_samplers_timesteps.py:56-64) returns eps and samples DDPM-scaled
-        x; the k-diffusion denoisers return x0 and sample x = x0 + sigma eps (sd_samplers_kdiffusion.py:52-64)."""
-        return "ddpm" if type(denoiser).__name__ == "CFGDenoiserTimesteps" or hasattr(denoiser, "alphas") else "k"
+        x; the k-diffusion denoisers return x0 and sample x = x0 + sigma eps (sd_samplers_kdiffusion.py:52-64), SD3's
+        the flow latent x = (1 - sigma) x0 + sigma noise (models/sd3/sd3_impls.py:41-46, `is_sd3`)."""
+        if type(denoiser).__name__ == "CFGDenoiserTimesteps" or hasattr(denoiser, "alphas"):
+            return "ddpm"
+        return "flow" if getattr(getattr(p, "sd_model", None), "is_sd3", False) else "k"
 
     def alphas_cumprod(self, p: Any, denoiser: Any) -> torch.Tensor:
         alphas = getattr(denoiser, "alphas", None)
