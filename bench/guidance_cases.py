@@ -1,9 +1,10 @@
 """Guidance-step cases (paper Eq. 20 via lib_dynfuse.guidance.LatentRefiner) and the reference-render cache.
 
 One sampling step = the UNet call on cond + uncond rows, classifier-free guidance, eps -> x0-hat. Guided:
-- x0 (TAESD / full VAE): then x0-hat <- x0-hat - m grad_x0 R (decoder + CLIP + DINO forward and backward);
+- x0 (TAESD / full VAE): then grad_{x0-hat} R (decoder + CLIP + DINO forward and backward) and the move
+  -m grad_{x_t} R (Eq. 20);
 - xt (TAESD): the UNet call itself runs with grad and R's gradient flows back through it to x_t (the paper's
-  form); the step uses the x0-hat of that call, so no second UNet forward is made.
+  form); the step uses the x0-hat of that call, so no second UNet forward is made (as in the WebUI).
 The encoders are the extension's defaults (CLIP ViT-B/32 image tower, DINO ViT-S/16) with random weights;
 R is scored against two random reference images.
 """
@@ -77,13 +78,14 @@ def step_cases(unet, inputs: Dict, refine: Dict[str, object], names: List[str],
         def call(_r: int) -> None:
             with torch.inference_mode():
                 x0 = x0_of(unet, inputs, x_t)
-                refine[name].correct_x0(x0)
+                refine[name].move(refine[name].grad_x0(x0))
         return call
 
     def guided_xt(name: str):
         def call(_r: int) -> None:
             with torch.inference_mode():
-                refine[name].correct_xt(x_t, lambda x: x0_of(unet, inputs, x))
+                _, info = refine[name].grad_xt(x_t, lambda x: x0_of(unet, inputs, x))
+                refine[name].move(info)
         return call
 
     cases = [Case("step_off", off, scope)]

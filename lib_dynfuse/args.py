@@ -68,7 +68,9 @@ class FuseArgs:
     guidance: bool = _f(False, label="Latent refinement (CLIP/DINO guidance)",
                         tip="Render a subject and a style reference, then nudge every step toward both (paper Eq. 14-20). Slower.",
                         infotext="guidance", aliases=("guidance", "g"))
-    guidance_scale: float = _f(10.0, label="Guidance strength m", tip="Step size m of x <- x - m * grad R (paper: 10).",
+    guidance_scale: float = _f(10.0, label="Guidance strength m",
+                               tip="Step size m of x_{t-1} <- x_{t-1} - m * grad R, in the paper's x_t units whatever "
+                                   "the sampler (paper: 10).",
                                infotext="m", aliases=("gm", "guidance_scale"), minimum=0.0, maximum=100.0, step=0.5)
     guidance_start: float = _f(0.0, label="Guidance from", tip="First step of the refinement, as a fraction of all steps.",
                                infotext="g_start", aliases=("gstart",), minimum=0.0, maximum=1.0, step=0.01)
@@ -79,9 +81,13 @@ class FuseArgs:
                             infotext="g_grad", aliases=("ggrad",), choices=GUIDANCE_GRADS)
     guidance_decoder: str = _f("auto", label="Decoder", tip="VAE used to decode x0 for scoring: TAESD when the host has it (fast), or the full VAE.",
                                infotext="g_dec", aliases=("gdec",), choices=GUIDANCE_DECODERS)
-    subject_prompt: str = _f("", label="Subject reference prompt", tip="Prompt l_c for the subject reference; empty = the main prompt.",
+    subject_prompt: str = _f("", label="Subject reference prompt",
+                             tip="Prompt l_c for the subject reference (subject LoRA alone); empty = the main prompt "
+                                 "without the style LoRA's trigger words, where its metadata names them.",
                              infotext="l_c", aliases=())
-    style_prompt: str = _f("", label="Style reference prompt", tip="Prompt l_s for the style reference; empty = the main prompt.",
+    style_prompt: str = _f("", label="Style reference prompt",
+                           tip="Prompt l_s for the style reference (style LoRA alone); empty = the main prompt "
+                               "without the subject LoRA's trigger words, where its metadata names them.",
                            infotext="l_s", aliases=())
     reference_steps: int = _f(0, label="Reference steps", tip="Sampling steps for the reference renders; 0 = the same as the image.",
                               infotext="ref_steps", aliases=("refsteps",), minimum=0, maximum=150, step=1)

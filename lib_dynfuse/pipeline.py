@@ -11,9 +11,10 @@ inpaint pipelines alike):
 - step: a forward pre-hook on `pipe.unet`. The loops call the UNet exactly once per entry of the timesteps they
   run (`for i, t in enumerate(timesteps): ... self.unet(...)`) and every call sets the scheduler's timesteps
   anew (`retrieve_timesteps` -> `scheduler.set_timesteps`, a new tensor), so the UNet calls since
-  `pipe.scheduler.timesteps` was last replaced are the loop index i; total is `pipe._num_timesteps`, the length
-  of the timesteps the loop runs, set before the loop (img2img: what its strength leaves; SDXL `denoising_end`:
-  the steps before the cut; second-order schedulers: their interleaved timesteps). So set_step(i, total) is in
+  `pipe.scheduler.timesteps` was last replaced are the loop index i of `pipe._num_timesteps`, the length of the
+  timesteps the loop runs, set before the loop (img2img: what its strength leaves; SDXL `denoising_end`: the
+  steps before the cut; second-order schedulers: their interleaved timesteps). The session gets the progress
+  through the scheduler's whole schedule (`schedule_progress`: img2img runs its tail, so it starts part-way), in
   effect for step i's UNet call, step 0's included.
 - rows: with classifier-free guidance the UNet batch is [negative rows; positive rows] (`torch.cat([negative_
   prompt_embeds, prompt_embeds])`, :939-940), labelled uncond then cond. `pipe.do_classifier_free_guidance` is
@@ -22,22 +23,26 @@ inpaint pipelines alike):
 Nothing reads a tensor's value on the host in these hooks: the step comes from counts and Python attributes.
 
 Latent refinement (paper Sec. 4.2, Eq. 20 with the x0 gradient): `guidance=LatentRefiner(...)`. A forward hook on
-the UNet corrects the step's combined prediction p = p_u + s (p_c - p_u) (eps or v) as `refiner.correct_eps` /
-`correct_v` would, and adds the shift d to both halves, which moves the pipeline's combination by exactly d
-((1 - s) d + s d = d). The UNet input is x_t in DDPM scaling for every scheduler (Euler-type schedulers divide by
-sqrt(sigma^2 + 1) first), with alpha-bar 1 / (1 + sigma^2) of the scheduler's own sigma for the step (schedulers
-with `sigmas`), else `alphas_cumprod[t]`. Not supported (a clear error at the first guided step): the x_t gradient
-(it would have to move the pipeline's own latents, which the UNet never sees), `guidance_rescale > 0` (not linear
-in the prediction), KDPM2 schedulers (their second stage uses interpolated sigmas), other prediction types.
+the UNet takes the step's combined prediction p = p_u + s (p_c - p_u) (eps or v) to x0-hat and the gradient of R
+to x_t (`refiner.move_eps` / `move_v`); the UNet's output stays as it is. The move -m grad is added to what
+`pipe.scheduler.step` returns, x_{t-1}, for the time of the call (an instance wrapper on the scheduler), in the
+scheduler's latent scale: 1 / scale_model_input (Euler-type schedulers keep x_t sqrt(sigma^2 + 1)). So m is in
+the paper's x_t units for every scheduler, multistep ones keep the model's own predictions, and a second-order
+scheduler (`state_in_first_order`) is corrected at its first stage and moved after its second. The UNet input is
+x_t in DDPM scaling for every scheduler, with alpha-bar 1 / (1 + sigma^2) of the scheduler's own sigma for the
+step (schedulers with `sigmas`), else `alphas_cumprod[t]`. Not supported (a clear error at the first guided
+step): the x_t gradient (the pipeline's UNet call would have to run with gradients, which hooks cannot arrange),
+`guidance_rescale > 0` (not linear in the prediction), KDPM2 schedulers (interpolated sigmas), other
+prediction types.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
 from .guidance import conversions as cv
+from .guidance.step import GuidedStep, apply_move, skipped_steps
 from .session import FuseSession, fuse
 
 SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
@@ -73,7 +78,7 @@ def guidance_problem(pipe: Any, refiner: Any) -> str:
     """Why the refiner cannot run on this pipeline's loop ('' = it can); see the module doc."""
     if refiner.grad != "x0":
         return ("fuse_pipeline runs the latent refinement with the x0 gradient only (grad='x0'); the x_t gradient "
-                "would have to move the pipeline's latents, which the UNet never sees")
+                "needs the pipeline's UNet call run with gradients, which hooks cannot arrange")
     if hasattr(pipe.scheduler, "sigmas_interpol"):
         return f"{type(pipe.scheduler).__name__} samples its second stage at interpolated sigmas; use another scheduler"
     kind = getattr(pipe.scheduler.config, "prediction_type", "epsilon")
@@ -84,18 +89,29 @@ def guidance_problem(pipe: Any, refiner: Any) -> str:
     return ""
 
 
-@dataclass
-class GuidedStep:
-    step: int
-    total: int
-    residual: float      # mean R over the images before the move (paper Eq. 19)
+def schedule_progress(step: int, steps: int, schedule: int, denoising_end: Any = None) -> Tuple[int, int]:
+    """(step, total) through the scheduler's whole schedule of `schedule` entries for step `step` of the `steps`
+    the loop runs: img2img and inpaint (strength, SDXL `denoising_start`) run its tail
+    (get_timesteps: `timesteps[t_start * order:]`), SDXL's `denoising_end` its head, txt2img all of it. K-LoRA's
+    t_now / t_all (Eq. 7) counts the whole backward process, so a tail starts part-way, not at 0."""
+    schedule = max(int(schedule), int(steps))
+    skipped = 0 if denoising_end is not None else schedule - int(steps)
+    return skipped + int(step), schedule
+
+
+def latent_scale(scheduler: Any, timestep: Any, like: torch.Tensor) -> torch.Tensor:
+    """d latents / d x_t after `scheduler.step`: 1 / scale_model_input at the step index it has moved on to
+    (Euler-type: sqrt(sigma_next^2 + 1), 1 at the end; DDIM, DPM-Solver, UniPC: 1)."""
+    one = torch.ones((1,) * like.dim(), dtype=cv.wide_dtype(like.dtype), device=like.device)
+    return 1.0 / scheduler.scale_model_input(one, timestep)
 
 
 class PipelineFusion:
     """A FuseSession on `pipe` plus the hooks on `pipe.unet` that feed it steps and row labels (module doc).
 
     Context manager; the FuseSession's results are reachable on it (`selection`, `record`, `heatmap()`, ...).
-    `steps` lists (step, total) per UNet call; `guidance_log` the refiner's corrections.
+    `steps` lists (step, total) per UNet call; `guidance_log` the refiner's corrections (GuidedStep, read after
+    the call).
     """
 
     def __init__(self, pipe: Any, session: FuseSession, guidance: Any = None):
@@ -103,6 +119,8 @@ class PipelineFusion:
         self.steps: List[Tuple[int, int]] = []
         self.guidance_log: List[GuidedStep] = []
         self._handles: list = []
+        self._wrapped: List[Tuple[Any, Any]] = []     # (scheduler, our step) while open
+        self._pending: Optional[Tuple[torch.Tensor, GuidedStep]] = None
         self._schedule: Any = None
         self._calls = 0
         self._step = (0, 1)
@@ -136,11 +154,20 @@ class PipelineFusion:
     def close(self) -> None:
         """Our hooks off, then the session closed (hooks off, baked weights restored); idempotent."""
         handles, self._handles = self._handles, []
+        wrapped, self._wrapped = self._wrapped, []
+        self._pending = None
         try:
             for h in handles:
                 h.remove()
+            for scheduler, ours in wrapped:
+                if scheduler.__dict__.get("step") is ours:
+                    del scheduler.__dict__["step"]
         finally:
             self.session.close()
+
+    def skipped_steps(self) -> List[int]:
+        """Steps whose move some image did not take (a NaN/Inf gradient or moved latent)."""
+        return skipped_steps(self.guidance_log)
 
     # ------------------------------------------------------------------ hooks
     def _cfg(self) -> bool:
@@ -155,17 +182,19 @@ class PipelineFusion:
         step = min(self._calls, total - 1)
         self._calls += 1
         self._step = (step, total)
-        self.steps.append(self._step)
-        self.session.set_step(step, total)
+        progress = schedule_progress(step, total, len(timesteps) if timesteps is not None else total,
+                                     getattr(self.pipe, "_denoising_end", None))
+        self.steps.append(progress)
+        self.session.set_step(*progress)
         sample = args[0] if args else kwargs["sample"]
         self.session.set_row_labels(cfg_row_labels(sample.shape[0], self._cfg()))
         return None
 
     def _after_unet(self, module, args, kwargs, output):
-        """The refiner's x0 correction of the combined prediction, as a shift of both CFG halves."""
+        """grad_{x_t} R of the combined prediction (x0 gradient), queued as the move of this step's x_{t-1}."""
         step, total = self._step
-        refiner = self.guidance
-        if not refiner.active(step, total):
+        refiner, scheduler = self.guidance, self.pipe.scheduler
+        if not refiner.active(step, total) or not getattr(scheduler, "state_in_first_order", True):
             return None
         problem = guidance_problem(self.pipe, refiner)
         if problem:
@@ -180,18 +209,37 @@ class PipelineFusion:
             combined, x_t = uncond + self.pipe.guidance_scale * (cond - uncond), x_t.chunk(2)[1]
         else:
             combined = pred
-        alpha = step_alpha_cumprod(self.pipe.scheduler, torch.as_tensor(timestep, device=pred.device))
-        if getattr(self.pipe.scheduler.config, "prediction_type", "epsilon") == "v_prediction":
-            new, info = refiner.correct_v(x_t, combined, alpha)
+        alpha = step_alpha_cumprod(scheduler, torch.as_tensor(timestep, device=pred.device))
+        if getattr(scheduler.config, "prediction_type", "epsilon") == "v_prediction":
+            move, info = refiner.move_v(x_t, combined, alpha)
         else:
-            new, info = refiner.correct_eps(x_t, combined, alpha)
-        shift = (new - combined).to(pred.dtype)
-        moved = pred + (torch.cat([shift, shift]) if cfg else shift)
-        self.guidance_log.append(GuidedStep(step, total, float(info.residual.mean())))
-        if isinstance(output, tuple):
-            return (moved,) + tuple(output[1:])
-        output.sample = moved
-        return output
+            move, info = refiner.move_eps(x_t, combined, alpha)
+        entry = GuidedStep(step, total, info.residual)
+        self.guidance_log.append(entry)
+        self._pending = (move, entry)
+        self._wrap_step(scheduler)
+        return None
+
+    def _wrap_step(self, scheduler: Any) -> None:
+        """`scheduler.step` returns x_{t-1} with the queued move (for the time the fusion is open)."""
+        if any(s is scheduler for s, _ in self._wrapped):
+            return
+        step = scheduler.step
+
+        def step_then_move(model_output, timestep, sample, *args, **kwargs):
+            out = step(model_output, timestep, sample, *args, **kwargs)
+            if self._pending is None or not getattr(scheduler, "state_in_first_order", True):
+                return out
+            move, entry = self._pending
+            self._pending = None
+            prev = out[0] if isinstance(out, tuple) else out.prev_sample
+            moved, entry.moved = apply_move(prev, move, latent_scale(scheduler, timestep, prev))
+            if isinstance(out, tuple):
+                return (moved,) + tuple(out[1:])
+            out.prev_sample = moved
+            return out
+        scheduler.__dict__["step"] = step_then_move
+        self._wrapped.append((scheduler, step_then_move))
 
 
 def fuse_pipeline(pipe: Any, subject, style, method: str = "dynamic", criterion: str = "kl", guidance: Any = None,

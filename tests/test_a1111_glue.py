@@ -147,14 +147,14 @@ def test_prompt_tag_equals_ui_settings_and_works_without_scripts(env):
 
 
 def _progress_log(env):
-    """(denoiser.step, denoiser.total_steps, fusion progress) at every UNet call, read after our own callback."""
+    """(run step, run total, fusion progress, sigma) at every UNet call, read after our own callback."""
     log, denoiser = [], {}
     env.callbacks.on_cfg_denoiser(lambda params: denoiser.update(d=params.denoiser))
     run_of = lambda: denoiser["d"].p.dynfuse_run  # noqa: E731
 
     def after_unet(module, args, output):
-        sessions = run_of().active_sessions
-        log.append((denoiser["d"].step, denoiser["d"].total_steps, sessions[0].progress))
+        run_ = run_of()
+        log.append(run_.step + (run_.active_sessions[0].progress, float(args[1][0]) / 100))   # t = 100 sigma
     handle = env.unet.register_forward_hook(after_unet)
     return log, handle
 
@@ -163,7 +163,10 @@ def _progress_log(env):
     ("Euler", {}, [(0, 3), (1, 3), (2, 3)]),
     ("Heun", {}, [(0, 6), (1, 6), (2, 6), (3, 6), (4, 6)]),                       # second order: 2 calls/step
     ("Euler", {"n_iter": 2}, [(0, 3), (1, 3), (2, 3)] * 2),                         # batch count
-    ("Euler", {"enable_hr": True, "hr_second_pass_steps": 2}, [(0, 3), (1, 3), (2, 3), (0, 2), (1, 2)]),  # hires
+    # hires, 2 steps at strength 0.5: the tail of a 4-step schedule (setup_img2img_steps), not a new start
+    ("Euler", {"enable_hr": True, "hr_second_pass_steps": 2}, [(0, 3), (1, 3), (2, 3), (2, 4), (3, 4)]),
+    ("Heun", {"enable_hr": True, "hr_second_pass_steps": 2}, [(0, 6), (1, 6), (2, 6), (3, 6), (4, 6),
+                                                               (4, 8), (5, 8), (6, 8)]),
 ])
 def test_step_and_total_come_from_the_denoiser(env, sampler, extra, want):
     log, handle = _progress_log(env)
@@ -172,8 +175,42 @@ def test_step_and_total_come_from_the_denoiser(env, sampler, extra, want):
     finally:
         handle.remove()
         env.callbacks.callbacks["cfg_denoiser"].pop()
-    assert [(s, t) for s, t, _ in log] == want
-    assert [progress for _, _, progress in log] == [s / t for s, t in want]
+    assert [(s, t) for s, t, _, _ in log] == want
+    assert [progress for _, _, progress, _ in log] == [s / t for s, t in want]
+
+
+def test_img2img_schedule_follows_setup_img2img_steps():
+    from lib_dynfuse.hosts.common import img2img_schedule, schedule_progress
+    assert img2img_schedule(11, 20, 0.5, steps_given=False) == (9, 20)    # 20 steps at 0.5: t_enc 10, from 9 of 20
+    assert img2img_schedule(10, 20, 0.5, steps_given=True) == (10, 20)    # hires 10 steps at 0.5: 10..19 of 20
+    assert img2img_schedule(7, 20, 0.3, steps_given=True) == (16, 23)     # int(7 / 0.3) = 23
+    assert img2img_schedule(4, 20, 0.0, steps_given=True) == (0, 4)       # nothing to skip
+    assert schedule_progress(3, 22, 11, 9, 20) == (21, 40)                # Heun: two calls a step
+    assert schedule_progress(0, 11, 11, 9, 20) == (9, 20)
+
+
+@pytest.mark.parametrize("strength, fix_steps, want", [
+    (0.5, False, [(1, 4), (2, 4), (3, 4)]),          # t_enc = 2: 3 steps from step 1 of 4
+    (0.5, True, [(4, 8), (5, 8), (6, 8), (7, 8)]),   # img2img_fix_steps: 4 steps, the last 4 of 8
+    (1.0, False, [(0, 4), (1, 4), (2, 4), (3, 4)]),  # t_enc = 3 (0.999 x 4): the whole schedule
+])
+def test_img2img_progress_starts_where_the_pass_enters_the_schedule(env, strength, fix_steps, want):
+    """K-LoRA's S = alpha * p + beta in img2img: p of the first call is that of the same sigma in a txt2img run
+    of the full schedule (sd_samplers_kdiffusion.py:134-138), not 0."""
+    from modules import processing
+    log, handle = _progress_log(env)
+    env.shared.opts.img2img_fix_steps = fix_steps
+    try:
+        init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+        env.img2img(env.ui_values(**fused(method="klora")), init_latent=init, prompt=PROMPT, steps=4,
+                    denoising_strength=strength)
+    finally:
+        env.shared.opts.img2img_fix_steps = False
+        handle.remove()
+        env.callbacks.callbacks["cfg_denoiser"].pop()
+    assert [(s, t) for s, t, _, _ in log] == want
+    for s, t, _, sigma in log:
+        assert sigma == pytest.approx(float(processing.sigma_schedule(t)[s]), rel=1e-6)
 
 
 @pytest.mark.parametrize("batched, want", [

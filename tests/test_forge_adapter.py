@@ -291,9 +291,10 @@ def test_cond_uncond_rows_follow_cond_or_uncond(fh, sd15_files):
     assert not torch.isnan(rec.cond[1]).any() and torch.isnan(rec.uncond[1]).all()
 
 
-def test_steps_come_from_the_denoiser_and_restart_with_each_hires_pass(fh, sd15_files):
+def test_steps_come_from_the_denoiser_and_the_hires_pass_enters_the_schedule_part_way(fh, sd15_files):
     """Three process_before_every_sampling calls with hires (processing.py:1376, :1510, :1522); the
-    forge_objects reset between the last two (:1518) and a new sampler for the hires pass (:1452)."""
+    forge_objects reset between the last two (:1518) and a new sampler for the hires pass (:1452), whose
+    progress continues where its pass enters the full schedule (K-LoRA's S = alpha * p + beta)."""
     host, run, p, unet = _host_and_p(fh, sd15_files, subject="subject", style="style", method="klora", steps=3)
     after_lora = p.sd_model.forge_objects.unet
     x, ctx = _inputs()
@@ -302,7 +303,8 @@ def test_steps_come_from_the_denoiser_and_restart_with_each_hires_pass(fh, sd15_
     for _ in range(3):
         steps_seen.append(first.progress())
         _sample_step(fh, p, x, ctx)
-    p.sampler = types.SimpleNamespace(model_wrap_cfg=fh.world.Denoiser(2))   # hires sampler
+    p.is_hr_pass, p.steps, p.denoising_strength = True, 3, 0.5                # hires: 2 steps at 0.5 (:1434)
+    p.sampler = types.SimpleNamespace(model_wrap_cfg=fh.world.Denoiser(2, init_latent=x, p=p))   # :1452
     p.sd_model.forge_objects.unet = after_lora
     host.before_every_sampling(p, x=x, noise=x, c=None, uc=None)             # :1510, then discarded
     p.sd_model.forge_objects.unet = after_lora                                # :1518
@@ -310,11 +312,12 @@ def test_steps_come_from_the_denoiser_and_restart_with_each_hires_pass(fh, sd15_
     for _ in range(2):
         steps_seen.append(second.progress())
         _sample_step(fh, p, x, ctx)
-    assert steps_seen == [(0, 3), (1, 3), (2, 3), (0, 2), (1, 2)]
-    assert first.calls == 3 and second.calls == 2 and run.step == (1, 2)
-    rec = second.session.record                         # one record per generation: both passes' steps 0, 1
+    # the hires pass is the tail of a 4-step schedule (setup_img2img_steps: int(2 / 0.5)): steps 2 and 3 of 4
+    assert steps_seen == [(0, 3), (1, 3), (2, 3), (2, 4), (3, 4)]
+    assert first.calls == 3 and second.calls == 2 and run.step == (3, 4)
+    rec = second.session.record                         # one record per generation: both passes' steps
     chosen, rows = rec.counts()
-    assert rec.total_steps == 3 and rows[0, 0, 0] == 2 and rows[2, 0, 0] == 1
+    assert rec.total_steps == 4 and rows[0, 0, 0] == 1 and rows[2, 0, 0] == 2 and rows[3, 0, 0] == 1
     assert _hook_counts(unet.model) == 0
 
 

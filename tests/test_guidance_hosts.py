@@ -19,6 +19,7 @@ from lib_dynfuse.hosts import guidance_run
 from tests.fixtures import lora_files, models
 from tests.standins.env import HostEnv, hooks_left, images_equal
 from tests.test_guidance_encoders import TINY_CLIP, save_clip, save_dino_folder, tiny_taesd
+from tests.test_guidance_eq20 import Host, Run   # a GuidanceHost of sampler spaces, a run that keeps notes
 
 PROMPT = "a photo of a cat"
 
@@ -118,6 +119,33 @@ def test_subject_reference_is_the_subject_lora_alone(env):
     assert np.abs(style - subject).max() > 10
 
 
+def test_reference_prompts_leave_out_the_other_loras_trigger_words(env):
+    """l_c: the prompt without the style LoRA's words (its caption tags, ss_tag_frequency); l_s: without the subject
+    LoRA's (the activation text of its user metadata, subj.json beside the file); the infotext says so."""
+    guidance_run.REFERENCES.clear()
+    style = env.networks.available_networks["sty"]
+    saved = dict(style.metadata)
+    style.metadata["ss_tag_frequency"] = {"10_wc": {"wc_style": 9, "paper": 2}}
+    user_file = os.path.splitext(env.networks.available_networks["subj"].filename)[0] + ".json"
+    with open(user_file, "w", encoding="utf8") as f:
+        json.dump({"activation text": "sks"}, f)
+    try:
+        p, _ = generate(env, steps=1, guidance=True, prompt="a photo of sks cat, (wc_style:1.1)")
+        own, _ = generate(env, steps=1, guidance=True, prompt="a photo of sks cat, (wc_style:1.1)",
+                          subject_prompt="sks cat", style_prompt="a <dynlora:x:y> wc_style")
+    finally:
+        style.metadata.clear()
+        style.metadata.update(saved)
+        os.remove(user_file)
+    assert guided(p).prompts == {"subject": "a photo of sks cat", "style": "a photo of cat, (wc_style:1.1)"}
+    assert {(k.role, k.prompt) for k in guidance_run.REFERENCES._items} >= {
+        ("subject", "a photo of sks cat"), ("style", "a photo of cat, (wc_style:1.1)"),
+        ("subject", "sks cat"), ("style", "a  wc_style")}
+    summary = p.extra_generation_params["DynFuse guidance"]
+    assert summary.endswith("; l_c: a photo of sks cat; l_s: a photo of cat, (wc_style:1.1)")
+    assert guided(own).prompts == {} and "l_c" not in own.extra_generation_params["DynFuse guidance"]
+
+
 def _png_base64(seed):
     from PIL import Image
     arr = np.random.default_rng(seed).integers(0, 256, (24, 24, 3), dtype=np.uint8)
@@ -146,13 +174,13 @@ def test_correction_only_inside_start_end(env):
 
 
 def test_first_correction_is_the_refiner_step_on_the_denoiser_output(env):
-    """Step 0 of a guided run moves the CFG-x0 exactly by -m * grad R (Euler: x1 = x0-hat + sigma1/sigma0 (x - x0-hat))."""
+    """One Euler step to sigma 0 returns the denoiser's output x0-hat: the pass's result takes the step's move,
+    -m grad_{x_t} R = -m sqrt(1 + sigma^2) grad_{x0-hat} R (Eq. 20, eps held fixed; sigma 8 in the stand-in)."""
     p, _ = generate(env, steps=1, guidance=True, guidance_scale=25.0, reference_steps=1)
     plain, _ = generate(env, steps=1)
     g = guided(p)
-    # one Euler step to sigma 0 returns the denoiser's output itself: the final latent is the corrected x0
     _, grad = residual_grad_x0(plain.samples[0], g.refiner.decoder, g.refiner.scorer, g.refiner.image_range)
-    torch.testing.assert_close(p.samples[0], plain.samples[0] - 25.0 * grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p.samples[0], plain.samples[0] - 25.0 * 65 ** 0.5 * grad, rtol=1e-5, atol=1e-5)
     assert grad.abs().max() > 0
 
 
@@ -166,9 +194,38 @@ def test_xt_gradient_moves_the_sampler_latent_and_everything_is_restored(env):
     assert not torch.equal(p_x0.samples[0], p.samples[0])
     assert torch.is_grad_enabled() == grad_before
     assert hooks_left(env.model) == 0 and hooks_left(p.sampler.model_wrap_cfg) == 0
-    assert "sample" not in p.__dict__
+    assert "sample" not in p.__dict__ and "forward" not in p.sampler.model_wrap_cfg.__dict__
+    assert "sample" not in p.sampler.__dict__ and "sample_img2img" not in p.sampler.__dict__
     after = env.state_snapshot()
     assert all(torch.equal(snapshot[k], after[k]) for k in snapshot)
+
+
+def _count_calls(env):
+    """(UNet forwards, on_cfg_denoiser callbacks) of the next generation."""
+    counts = {"unet": 0, "callback": 0}
+    env.callbacks.on_cfg_denoiser(lambda params: counts.update(callback=counts["callback"] + 1))
+    handle = env.unet.register_forward_hook(lambda *a: counts.update(unet=counts["unet"] + 1))
+    return counts, handle
+
+
+@pytest.mark.parametrize("grad", ["x0", "xt"])
+def test_a_guided_step_is_one_denoiser_call(env, grad):
+    """The x_t gradient comes from the step's own call: the UNet runs, other extensions' callbacks fire and the
+    selection record counts rows as often as without guidance."""
+    fields = dict(heatmap=True)
+    counts, handle = _count_calls(env)
+    try:
+        plain, _ = generate(env, steps=3, **fields)
+        plain_counts = dict(counts)
+        counts.update(unet=0, callback=0)
+        p, _ = generate(env, steps=3, guidance=True, guidance_grad=grad, guidance_end=1.0, **fields)
+    finally:
+        handle.remove()
+        env.callbacks.callbacks["cfg_denoiser"].pop()
+    assert counts == plain_counts == {"unet": 3, "callback": 3}
+    assert [s.step for s in guided(p).log] == [0, 1, 2] and p.sampler.model_wrap_cfg.step == 3
+    rows = p.dynfuse_run._last_unet.record.counts()[1]
+    assert torch.equal(rows, plain.dynfuse_run._last_unet.record.counts()[1]) and rows.sum() > 0
 
 
 def test_missing_weights_give_the_fused_image_and_a_message(env, tmp_path, monkeypatch):
@@ -232,16 +289,6 @@ class TimestepsDenoiser(torch.nn.Module):
         return out
 
 
-class FixedHost:
-    """A GuidanceHost whose denoiser is an eps predictor (the rest is never called in this test)."""
-
-    def prediction(self, denoiser):
-        return "eps"
-
-    def alphas_cumprod(self, p, denoiser):
-        return denoiser.alphas
-
-
 def _eps_guidance(seed: int, grad: str):
     """Tiny float64 CLIP/DINO/TAESD, the paper's scorer against two random references, an eps denoiser over 1000
     alphas and a GuidanceRun refining with `grad`; the generator goes on to make the test's inputs."""
@@ -253,32 +300,48 @@ def _eps_guidance(seed: int, grad: str):
                           torch.rand(1, 3, 32, 32, generator=g).double())
     alphas = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
     denoiser = TimestepsDenoiser(alphas)
-    grun = guidance_run.GuidanceRun(run=None, host=FixedHost())
+    grun = guidance_run.GuidanceRun(run=Run(), host=Host())
     grun.refiner = LatentRefiner(decoder, scorer, scale=10.0, grad=grad)
     return decoder, scorer, alphas, denoiser, grun, g
 
 
-def test_eps_sampler_output_is_converted_exactly():
+EXTRA_ARGS = dict(uncond=None, cond=None, cond_scale=7.0, s_min_uncond=0.0, image_cond=None)
+
+
+def _two_calls(denoiser, grun, x, t):
+    """Two sampler steps' first calls as DDIM makes them (model(x, t, **extra_args), sd_samplers_timesteps_impl.py:25),
+    the second on the sampler's own x after the first; returns the first output and x as the second call got it."""
+    grun.attach(denoiser)
+    try:
+        with torch.no_grad():
+            out = denoiser(x, t, **EXTRA_ARGS)
+            x_before_second = x.clone()
+            denoiser(x, t - 100, **EXTRA_ARGS)
+    finally:
+        grun.detach()
+    return out, x_before_second
+
+
+def test_eps_sampler_output_stays_the_models_and_the_next_state_moves():
+    """x0 gradient on DDIM/PLMS/UniPC: eps -> x0-hat, grad_{x0-hat} R, chain rule 1/sqrt(a) to x_t; the sampler gets
+    the model's eps as it is and its next state x_{t-1} (the x of the next step's call) moves by -m grad."""
     decoder, scorer, alphas, denoiser, grun, g = _eps_guidance(3, "x0")
     x = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    x_start = x.clone()
     t = torch.tensor([500.0, 500.0], dtype=torch.float64)
     with torch.no_grad():
         eps = denoiser(x, t, None, None, 7.0, 0.0, None)
-    extra_args = dict(uncond=None, cond=None, cond_scale=7.0, s_min_uncond=0.0, image_cond=None)
-    grun.attach(denoiser)
-    try:
-        with torch.no_grad():       # the samplers call model(x, t, **extra_args) (sd_samplers_timesteps_impl.py:25)
-            out = denoiser(x, t, **extra_args)
-    finally:
-        grun.detach()
+    denoiser.step = 0
+    grun.refiner.end = 0.25                                           # step 0 of 4 only
+    out, x_seen = _two_calls(denoiser, grun, x, t)
+    torch.testing.assert_close(out, eps, rtol=0, atol=0)
     a = alphas[500]
-    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()                       # eps -> x0-hat
+    x0 = (x_start - (1 - a).sqrt() * eps) / a.sqrt()                  # eps -> x0-hat
     _, grad = residual_grad_x0(x0, decoder, scorer, decoder.image_range)
-    x0_new = x0 - 10.0 * grad                                         # Eq. 20 in x0 space
-    want = (x - a.sqrt() * x0_new) / (1 - a).sqrt()                   # x0 -> eps
-    torch.testing.assert_close(out, want, rtol=1e-8, atol=1e-8)
-    assert (out - eps).abs().max() > 1e-4 and [s.step for s in grun.log] == [1]
-    assert len(denoiser._forward_hooks) == 0 and len(denoiser._forward_pre_hooks) == 0
+    torch.testing.assert_close(x_seen, x_start, rtol=0, atol=0)       # the first call leaves x alone
+    torch.testing.assert_close(x, x_start - 10.0 * grad / a.sqrt(), rtol=1e-8, atol=1e-10)
+    assert (x - x_start).abs().max() > 1e-4 and [s.step for s in grun.log] == [0]
+    assert "forward" not in denoiser.__dict__ and len(denoiser._forward_hooks) == 0
 
 
 def test_single_lora_targets_keep_one_branch():
@@ -295,28 +358,25 @@ def test_single_lora_targets_keep_one_branch():
     assert guidance_run.strip_tags("a cat <dynlora:x:y:g=1> <lora:z:1>") == "a cat  <lora:z:1>"
 
 
-def test_xt_gradient_on_an_eps_sampler_moves_x_in_place_exactly():
-    """x_t <- x_t - m * d R(x0-hat(x_t)) / d x_t (Eq. 20), x0-hat from the denoiser's eps; the sampler's own tensor."""
+def test_xt_gradient_on_an_eps_sampler_moves_the_next_state_exactly():
+    """x_{t-1} <- x_{t-1} - m d R(x0-hat(x_t)) / d x_t (Eq. 20), x0-hat from the denoiser's eps of the same call,
+    which the sampler gets unchanged; the sampler's own tensor moves at the next step's call."""
     from lib_dynfuse.guidance import residual_grad_xt
     decoder, scorer, alphas, denoiser, grun, g = _eps_guidance(5, "xt")
     x = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
     t = torch.tensor([300.0], dtype=torch.float64)
     a = alphas[300]
-    extra_args = dict(uncond=None, cond=None, cond_scale=7.0, s_min_uncond=0.0, image_cond=None)
     x_before = x.clone()
-    grun.attach(denoiser)
-    try:
-        with torch.no_grad():
-            out = denoiser(x, t, **extra_args)
-    finally:
-        grun.detach()
+    grun.refiner.end = 0.25                                           # step 0 of 4 only
+    out, x_seen = _two_calls(denoiser, grun, x, t)
     probe = TimestepsDenoiser(alphas)
-    _, grad, _ = residual_grad_xt(x_before, lambda z: (z - (1 - a).sqrt() * probe(z, t, **extra_args)) / a.sqrt(),
+    _, grad, _ = residual_grad_xt(x_before, lambda z: (z - (1 - a).sqrt() * probe(z, t, **EXTRA_ARGS)) / a.sqrt(),
                                   decoder, scorer, decoder.image_range)
+    torch.testing.assert_close(x_seen, x_before, rtol=0, atol=0)
     torch.testing.assert_close(x, x_before - 10.0 * grad, rtol=1e-8, atol=1e-10)
     with torch.no_grad():
-        torch.testing.assert_close(out, TimestepsDenoiser(alphas)(x, t, **extra_args), rtol=1e-12, atol=1e-12)
-    assert denoiser.step == 1 and grad.abs().max() > 0 and [s.step for s in grun.log] == [0]
+        torch.testing.assert_close(out, TimestepsDenoiser(alphas)(x_before, t, **EXTRA_ARGS), rtol=0, atol=0)
+    assert denoiser.step == 2 and grad.abs().max() > 0 and [s.step for s in grun.log] == [0]
 
 
 # ----------------------------------------------------------------------------- the prompt tag alone (issue 4)

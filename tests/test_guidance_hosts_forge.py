@@ -103,44 +103,53 @@ class ForgeTimestepsDenoiser(torch.nn.Module):
         return self.net(x)
 
 
-def _run_hooked(denoiser, grun, x, t):
+def _two_steps(denoiser, grun, x, levels):
+    """The first calls of two sampler steps on the sampler's own x, in Forge's inference mode (k-diffusion:
+    model(x, sigma, **extra_args), sd_samplers_kdiffusion.py); returns the first call's output and x in between."""
     grun.attach(denoiser)
     try:
-        with torch.inference_mode():   # k-diffusion: model(x, sigma, **extra_args) (sd_samplers_kdiffusion.py)
-            return denoiser(x, t, uncond=None, cond=None, cond_scale=7.0, s_min_uncond=0.0, image_cond=None)
+        with torch.inference_mode():
+            out = denoiser(x, levels[0], uncond=None, cond=None, cond_scale=7.0, s_min_uncond=0.0, image_cond=None)
+            between = x.clone()
+            denoiser(x, levels[1], uncond=None, cond=None, cond_scale=7.0, s_min_uncond=0.0, image_cond=None)
     finally:
         grun.detach()
+    return out, between
 
 
-def test_forge_denoiser_outputs_are_corrected_inside_inference_mode():
+def test_forge_corrections_work_inside_inference_mode():
+    """x0 gradient in Forge's inference mode on inference weights: the denoiser's output goes to the sampler as it
+    is, and the sampler's own (inference) x of the next step moves by -m grad_{x_t} R in its variable: eps models
+    1/sqrt(a) from x0-hat, k-diffusion sqrt(1 + sigma^2) twice (chain rule, then the next sigma's scale)."""
     host_vae = forge_first_stage(0)
     alphas = torch.linspace(0.999, 0.01, 1000)
     glue = ForgeGuidance(host=None)
     p = forge_p(host_vae, alphas)
     decoder, _ = glue.decoder(p, "full")
     scorer = scorer_for(0)
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
-    t = torch.tensor([400.0])
-    a = alphas[400]
     for eps_mode in (False, True):
+        levels = (torch.tensor([400.0]), torch.tensor([300.0])) if eps_mode else (torch.tensor([2.0]), torch.tensor([1.5]))
         denoiser = ForgeTimestepsDenoiser(eps_mode)
         grun = guidance_run.GuidanceRun(run=None, host=glue, p=p)
-        grun.refiner = LatentRefiner(decoder, scorer, scale=10.0, grad="x0")
+        grun.refiner = LatentRefiner(decoder, scorer, scale=10.0, grad="x0", end=0.5)
         with torch.inference_mode():
-            raw = denoiser(x, t, None, None, 7.0, 0.0, None)
-        out = _run_hooked(denoiser, grun, x, t)
+            x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+            raw = denoiser(x, levels[0], None, None, 7.0, 0.0, None).clone()
+            x_start = x.clone()
+        denoiser.step = 0
+        out, between = _two_steps(denoiser, grun, x, levels)
         assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()   # modes as the caller left them
-        assert out.grad_fn is None and not out.requires_grad
-        raw = raw.clone()
+        assert torch.equal(out, raw) and torch.equal(between, x_start)             # output and x of step 0 stay
         if eps_mode:
-            x0 = (x - (1 - a).sqrt() * raw) / a.sqrt()
+            a = alphas[400]
+            x0 = (x_start - (1 - a).sqrt() * raw) / a.sqrt()
             _, grad = residual_grad_x0(x0, decoder, scorer, decoder.image_range)
-            want = raw - (a / (1 - a)).sqrt() * (-10.0 * grad)
+            want = x_start - 10.0 * grad / a.sqrt()
         else:
             _, grad = residual_grad_x0(raw, decoder, scorer, decoder.image_range)
-            want = raw - 10.0 * grad
-        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-        assert (out - raw).abs().max() > 1e-5 and [s.step for s in grun.log] == [1]
+            want = x_start - 10.0 * 5 ** 0.5 * 3.25 ** 0.5 * grad
+        torch.testing.assert_close(x.clone(), want, rtol=1e-5, atol=1e-5)
+        assert (x - x_start).abs().max() > 1e-5 and [s.step for s in grun.log] == [0]
 
 
 # ----------------------------------------------------------------------------- the prompt tag alone in Forge
@@ -178,13 +187,16 @@ def test_forge_tag_alone_starts_guidance_and_counts_the_renders(fh, sd15_files):
     p.width = p.height = 32
     p.sampler_name, p.steps, p.cfg_scale, p.n_iter = "Euler", 2, 5.0, 1
     p.setup_conds = lambda: None
-    p.sampler.model_wrap_cfg = ForgeTimestepsDenoiser(False)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
 
-    def sample():   # one k-diffusion call of the pass's denoiser, in Forge's inference mode (processing.py:911)
+    def sampler_sample():   # one k-diffusion step to sigma 0: the result is the denoiser's x0 (sampling.py)
+        return p.sampler.model_wrap_cfg(x, torch.tensor([1.5]), uncond=None, cond=None, cond_scale=5.0,
+                                        s_min_uncond=0.0, image_cond=None)
+    p.sampler = SimpleNamespace(model_wrap_cfg=ForgeTimestepsDenoiser(False), sample=sampler_sample)
+
+    def sample():   # the pass, in Forge's inference mode (processing.py:911)
         with torch.inference_mode():
-            return p.sampler.model_wrap_cfg(x, torch.tensor([400.0]), uncond=None, cond=None, cond_scale=5.0,
-                                            s_min_uncond=0.0, image_cond=None)
+            return p.sampler.sample()
     p.sample = sample
     fh.shared.state.__init__()
     fh.shared.total_tqdm.__init__()
@@ -207,13 +219,14 @@ def test_forge_tag_alone_starts_guidance_and_counts_the_renders(fh, sd15_files):
         out = p.sample()
         decoder, _ = ghost.decoder(p, "full")
         _, grad = residual_grad_x0(raw, decoder, grun.refiner.scorer, decoder.image_range)
-        torch.testing.assert_close(out, raw - 20.0 * grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, raw - 20.0 * 3.25 ** 0.5 * grad, rtol=1e-5, atol=1e-5)   # the pass's result
         assert [s.step for s in grun.log] == [0] and grad.abs().max() > 0
         assert p.extra_generation_params["DynFuse guidance"].endswith("grad x0")
     finally:
         guidance_run.finish(host, p, None)
         common.finish(host, p, None)
-    assert len(p.sampler.model_wrap_cfg._forward_hooks) == 0 and p.sample is sample
+    assert "forward" not in p.sampler.model_wrap_cfg.__dict__ and p.sampler.sample is sampler_sample
+    assert p.sample is sample
 
 
 # ----------------------------------------------------------------------------- x_t gradient through a private UNet
@@ -285,19 +298,21 @@ def _xt_setup(fh, sd15_files, mask=None):
     return host, p, grun, glue, unet, reference_model
 
 
-def _sample_call(p, x, ctx):
-    with torch.inference_mode():   # the sampler's x is an inference tensor, moved in place by the pre-hook
+def _sample_call(p, x, ctx, sigma=500.0):
+    with torch.inference_mode():   # the sampler's x is an inference tensor, moved in place at the next step's call
         x_inf = x.clone()
-        out = p.sampler.model_wrap_cfg(x_inf, torch.tensor([500.0]), uncond=ctx.flip(1), cond=ctx, cond_scale=5.0,
+        out = p.sampler.model_wrap_cfg(x_inf, torch.tensor([sigma]), uncond=ctx.flip(1), cond=ctx, cond_scale=5.0,
                                        s_min_uncond=0.0, image_cond=None)
     return x_inf, out
 
 
 def test_forge_xt_gradient_goes_through_a_private_fused_unet(fh, sd15_files):
-    """x_t <- x_t - m d R(x0-hat(x_t)) / d x_t (Eq. 20) with the host's weights inference tensors: equal to a hand
-    reference on a normal copy with the subject LoRA added by hand (zero style: dynamic keeps the subject); the
-    host's model, patcher and hooks untouched; the copy dropped when the generation ends."""
+    """grad_{x_t} R (Eq. 20) with the host's weights inference tensors, from the step's only denoiser call: its
+    output and gradient equal a hand reference on a normal copy with the subject LoRA added by hand (zero style:
+    dynamic keeps the subject); the copy's layers record into the run's selection record; the next step's x moves
+    by -m grad; the host's model, patcher and hooks untouched; the copy dropped when the generation ends."""
     host, p, grun, glue, unet, reference_model = _xt_setup(fh, sd15_files)
+    grun.refiner.end = 0.5                                          # step 0 of 2
     before = {k: v.clone() for k, v in unet.model.state_dict().items()}
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     ctx = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(5))
@@ -313,11 +328,23 @@ def test_forge_xt_gradient_goes_through_a_private_fused_unet(fh, sd15_files):
         return uncond + (cond - uncond) * 5.0
     decoder = grun.refiner.decoder
     _, grad, _ = residual_grad_xt(x, cfg_reference, decoder, grun.refiner.scorer, decoder.image_range)
+    calls = []
+    handle = reference_model.register_forward_hook(lambda *a: calls.append(1))
     x_inf, out = _sample_call(p, x, ctx)
-    torch.testing.assert_close(x_inf, x - 10.0 * grad, rtol=1e-4, atol=1e-6)
-    assert grad.abs().max() > 0 and [s.step for s in grun.log] == [0] and p.sampler.model_wrap_cfg.step == 1
+    handle.remove()
+    assert torch.equal(x_inf, x)                                    # this step's own x stays
     with torch.no_grad():
-        torch.testing.assert_close(out, cfg_reference(x_inf.clone()), rtol=1e-4, atol=1e-5)   # the host's own call
+        torch.testing.assert_close(out, cfg_reference(x.clone()), rtol=1e-4, atol=1e-5)   # the step's output
+    scale = (1 + 500.0 ** 2) ** 0.5                                 # k-diffusion x = x_t sqrt(1 + sigma^2)
+    torch.testing.assert_close(grun.correction.pending[0], -10.0 * scale * grad, rtol=1e-4, atol=1e-6 * scale)
+    assert grad.abs().max() > 0 and [s.step for s in grun.log] == [0] and p.sampler.model_wrap_cfg.step == 1
+    record = grun.run.session_for("unet", grun.run.prepare(p)).record
+    assert record.counts()[1][0].sum() > 0                          # the copy's layers counted step 0 ...
+    with torch.inference_mode():
+        p.sampler.model_wrap_cfg(x_inf, torch.tensor([0.0]), uncond=ctx.flip(1), cond=ctx, cond_scale=5.0,
+                                 s_min_uncond=0.0, image_cond=None)
+    torch.testing.assert_close(x_inf.clone(), x - 10.0 * scale * grad, rtol=1e-4, atol=1e-6 * scale)   # sigma 0
+    assert record.counts()[1][1].sum() == record.counts()[1][0].sum()                 # ... once, as the host's step 1
     private = grun.host_state["redirect"]["private"]
     assert private.model is not unet.model and not private.model.diffusion_model.conv_in.weight.is_inference()
     assert all(torch.equal(before[k], v) and v.is_inference() for k, v in unet.model.state_dict().items())
@@ -325,12 +352,12 @@ def test_forge_xt_gradient_goes_through_a_private_fused_unet(fh, sd15_files):
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in private.model.modules()) == 0
     assert not any("x_t" in m for m in grun.run.messages)
     guidance_run.finish(host, p, None)
-    assert "private" not in grun.host_state.get("redirect", {}) and not grun._handles
+    assert "private" not in grun.host_state.get("redirect", {}) and grun.correction is None
 
 
 def test_forge_xt_gradient_falls_back_to_x0_when_a_host_tensor_blocks_the_backward(fh, sd15_files):
     """An inpainting mask made in inference mode is saved by the blend's backward: that step and the rest use
-    the x0 gradient, with a message; the call still returns the corrected x0."""
+    the x0 gradient, with a message; the call is made again without gradients and counted once."""
     with torch.inference_mode():
         mask = torch.zeros(1, 1, 8, 8)
         mask[..., :4] = 1.0
@@ -339,6 +366,7 @@ def test_forge_xt_gradient_falls_back_to_x0_when_a_host_tensor_blocks_the_backwa
     ctx = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(5))
     x_inf, out = _sample_call(p, x, ctx)
     assert torch.equal(x_inf, x) and grun.refiner.grad == "x0" and [s.step for s in grun.log] == [0]
+    assert p.sampler.model_wrap_cfg.step == 1                      # the failed call is not counted
     assert any("x_t gradient failed" in m and "x0" in m for m in grun.run.messages)
     assert "x_t gradient failed" in p.extra_generation_params.get("DynFuse message", "")
     guidance_run.finish(host, p, None)
@@ -367,3 +395,22 @@ def test_saved_activations_are_copied_so_in_place_residuals_can_be_differentiate
     (got,) = torch.autograd.grad(out, a)
     (want,) = torch.autograd.grad(block(a, False), a)
     assert torch.equal(got, want) and got.abs().max() > 0
+
+
+def test_sampler_spaces_follow_the_hosts_denoisers():
+    """Which variable the sampler moves: A1111's CFGDenoiserTimesteps (alphas) DDPM x, SD3 (is_sd3) the flow
+    latent, other k-diffusion denoisers x = x0 + sigma eps; Forge's classic_ddim_eps_estimation DDPM x, a
+    predictor with prediction_type 'const' (FLUX, SD3) the flow latent (k_prediction.py:94-96)."""
+    from lib_dynfuse.hosts.a1111_guidance import A1111Guidance
+    a1111, forge_glue = A1111Guidance(host=None), ForgeGuidance(host=None)
+    plain, sd3 = SimpleNamespace(sd_model=SimpleNamespace()), SimpleNamespace(sd_model=SimpleNamespace(is_sd3=True))
+    assert a1111.space(plain, SimpleNamespace(alphas=torch.ones(3))) == "ddpm"
+    assert (a1111.space(plain, SimpleNamespace()), a1111.space(sd3, SimpleNamespace())) == ("k", "flow")
+
+    def forge_p_with(kind):
+        predictor = SimpleNamespace(prediction_type=kind)
+        unet = SimpleNamespace(model=SimpleNamespace(predictor=predictor))
+        return SimpleNamespace(sd_model=SimpleNamespace(forge_objects=SimpleNamespace(unet=unet)))
+    assert forge_glue.space(forge_p_with("eps"), SimpleNamespace(classic_ddim_eps_estimation=True)) == "ddpm"
+    assert forge_glue.space(forge_p_with("const"), SimpleNamespace(classic_ddim_eps_estimation=False)) == "flow"
+    assert forge_glue.space(forge_p_with("v_prediction"), SimpleNamespace()) == "k"

@@ -1,10 +1,12 @@
 """The correction step (paper Eq. 16-20): R against hand cosines, gradients against finite differences,
 grad-mode / inference-mode hygiene, and a real-architecture denoising loop where guidance lowers R."""
+import copy
+
 import pytest
 import torch
 
-from lib_dynfuse.guidance import (LatentRefiner, ReferenceEmbeddings, eps_to_x0, make_private_copy, paper_scorer,
-                                  residual_grad_x0, residual_grad_xt, taesd_decoder, vae_decoder, x0_to_eps)
+from lib_dynfuse.guidance import (LatentRefiner, ReferenceEmbeddings, apply_move, eps_to_x0, make_private_copy,
+                                  paper_scorer, residual_grad_x0, residual_grad_xt, taesd_decoder, vae_decoder)
 from tests.test_guidance_encoders import tiny_encoders, tiny_taesd
 
 
@@ -146,23 +148,29 @@ def test_no_graph_survives_and_grad_mode_is_restored(parts, outer):
     with contexts[outer]():
         x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6))
         assert x0.is_inference() == (outer == "inference")
-        new_x0, info = refiner.correct_x0(x0)
-        new_xt, info_t = refiner.correct_xt(x0, lambda x: eps_to_x0(x, unet(x, 500, ctx).sample, 0.5))
-        new_eps, _ = refiner.correct_eps(x0, x0 * 0.5, torch.tensor([0.5]))
+        info = refiner.grad_x0(x0)
+        move = refiner.move(info)
+        eps_out, move_t, info_t = refiner.move_xt(x0, lambda x: unet(x, 500, ctx).sample,
+                                                  to_x0=lambda x, eps: eps_to_x0(x, eps, 0.5))
+        move_eps, _ = refiner.move_eps(x0, x0 * 0.5, torch.tensor([0.5]))
+        moved, ok = apply_move(x0, move)
         assert torch.is_grad_enabled() == (outer == "grad")
         assert torch.is_inference_mode_enabled() == (outer == "inference")
-        moved = new_x0 * 1.0          # the host keeps computing with the result in its own mode
-    for t in (new_x0, new_xt, new_eps, info.grad, info_t.grad, info_t.x0, info.residual):
+        again = moved * 1.0          # the host keeps computing with the result in its own mode
+    for t in (move, move_t, move_eps, eps_out, info.grad, info_t.grad, info_t.x0, info.residual, moved):
         _assert_plain(t)
-    assert moved.shape == x0.shape
-    torch.testing.assert_close(new_x0, x0.clone() - 10.0 * info.grad)
+    assert again.shape == x0.shape and bool(ok.all())
+    torch.testing.assert_close(move, -10.0 * info.grad)
+    torch.testing.assert_close(moved, x0.clone() - 10.0 * info.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(eps_out, unet(x0.clone(), 500, ctx).sample)   # the model call's own output
     assert not any(p.grad is not None for p in decoder.parameters())
 
 
 def test_decoder_parameters_that_require_grad_get_no_grad(parts):
     vae = tiny_taesd(2).requires_grad_(True)   # diffusers modules require grad by default
     refiner = LatentRefiner(vae_decoder(vae), parts["scorer"], scale=1.0)
-    refiner.correct_x0(torch.randn(1, 4, 8, 8))
+    refiner.grad_x0(torch.randn(1, 4, 8, 8))
     assert all(p.grad is None for p in vae.parameters())
 
 
@@ -173,7 +181,7 @@ def test_private_copy_of_inference_weights_allows_backward(parts):
     live.decoder.layers[0].weight.is_inference() or pytest.skip("weights not inference tensors")
     refiner = LatentRefiner(vae_decoder(live), parts["scorer"])
     with torch.inference_mode(), pytest.raises(RuntimeError, match="[Ii]nference tensors"):
-        refiner.correct_x0(torch.randn(1, 4, 8, 8))
+        refiner.grad_x0(torch.randn(1, 4, 8, 8))
     private = make_private_copy(live)
     assert not any(t.is_inference() for t in list(private.parameters()) + list(private.buffers()))
     assert not any(p.requires_grad for p in private.parameters())
@@ -181,8 +189,44 @@ def test_private_copy_of_inference_weights_allows_backward(parts):
         assert torch.equal(p, q), n
     with torch.inference_mode():
         x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
-        new_x0, info = LatentRefiner(vae_decoder(private), parts["scorer"]).correct_x0(x0)
+        info = LatentRefiner(vae_decoder(private), parts["scorer"]).grad_x0(x0)
     assert float(info.grad.abs().sum()) > 0
+
+
+class Overflowing(torch.nn.Module):
+    """A first stage whose activations pass 65504 (the float16 maximum) before a norm, as the SDXL VAE's do."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(11)
+        self.conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.norm = torch.nn.GroupNorm(2, 8)
+        self.out = torch.nn.Conv2d(8, 3, 1)
+        with torch.no_grad():
+            self.conv.weight.mul_(4e4)
+
+    def decode(self, z):
+        h = torch.nn.functional.interpolate(self.conv(z), scale_factor=4, mode="nearest")
+        return torch.tanh(self.out(torch.nn.functional.silu(self.norm(h))))
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_precision_decoders_are_differentiated_in_float32(parts64, half):
+    """The gradient through a float16/bfloat16 VAE is taken through a float32 copy: finite, and as close to the
+    float64 gradient as float32 allows (in half precision float16 overflows to NaN, bfloat16 is off by ~0.5%)."""
+    first_stage = Overflowing().to(half)
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(12)).to(half)
+    reference = vae_decoder(copy.deepcopy(first_stage).double(), 0.13025)     # the same (rounded) weights, float64
+    want = LatentRefiner(reference, parts64["scorer"]).grad_x0(x0.double()).grad
+    decoder = vae_decoder(first_stage, 0.13025)
+    refiner = LatentRefiner(decoder, parts64["scorer"])
+    assert refiner.decoder is not decoder and refiner.dtype == torch.float32
+    assert first_stage.conv.weight.dtype == half                              # the host's module is left alone
+    got = refiner.grad_x0(x0).grad
+    assert got.dtype == torch.float32 and torch.isfinite(got).all() and want.abs().max() > 0
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    with torch.no_grad():   # what a half-precision backward would have started from
+        assert not torch.isfinite(first_stage.decode(x0 / 0.13025)).all() or half == torch.bfloat16
 
 
 def test_image_range_of_plain_callables(parts):
@@ -213,24 +257,23 @@ TIMESTEPS = (999, 666, 333)
 
 
 def ddim(unet, ctx, refiner=None, mode="x0", seed=5):
-    """Deterministic DDIM (eta 0) on an eps UNet; guidance as a host's callback would apply it."""
+    """Deterministic DDIM (eta 0) on an eps UNet, Eq. 20 added to each step's x_{t-1}: the library's loop."""
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
     for i, t in enumerate(TIMESTEPS):
         a = ALPHAS[t]
         a_prev = ALPHAS[TIMESTEPS[i + 1]] if i + 1 < len(TIMESTEPS) else torch.tensor(1.0)
-        if refiner is not None and mode == "xt":     # Eq. 20: x_{t-1} = x_{t-1}^ori - m grad_{x_t} R
-            _, info = refiner.correct_xt(x, lambda z: eps_to_x0(z, unet(z, t, ctx).sample, a))
-            x0 = info.x0
-            eps = x0_to_eps(x, x0, a)
-            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps - refiner.scale * info.grad
-            continue
-        with torch.no_grad():
-            eps = unet(x, t, ctx).sample
+        move = None
+        if refiner is not None and mode == "xt":     # the gradient through the step's own UNet call
+            eps, move, _ = refiner.move_xt(x, lambda z: unet(z, t, ctx).sample, to_x0=lambda z, e: eps_to_x0(z, e, a))
+        else:
+            with torch.no_grad():
+                eps = unet(x, t, ctx).sample
+            if refiner is not None:
+                move, _ = refiner.move_eps(x, eps, a)
         x0 = eps_to_x0(x, eps, a)
-        if refiner is not None:                      # x0-space correction written back as eps (DDIM callbacks)
-            eps, _ = refiner.correct_eps(x, eps, a)
-            x0 = eps_to_x0(x, eps, a)
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        if move is not None:                          # Eq. 20: x_{t-1} = x_{t-1}^ori - m grad_{x_t} R
+            x, _ = apply_move(x, move)
     return x
 
 
@@ -251,20 +294,25 @@ def test_guidance_lowers_the_final_residual(parts, unguided, mode):
     assert torch.all(guided < plain), (mode, plain.tolist(), guided.tolist())
 
 
-def test_correct_eps_v_and_flow_equal_the_x0_correction(parts):
-    from lib_dynfuse.guidance import flow_v_to_x0, v_to_x0, x0_to_v
+def test_moves_of_eps_v_flow_and_k_predictions_follow_the_chain_rule(parts):
+    """grad_{x_t} R = d x0-hat / d x_t * grad_{x0-hat} R with the model's prediction held fixed: 1/sqrt(a) for eps
+    and v models (eps fixed), sqrt(1 + sigma^2) for k-diffusion's denoised at the same noise level, 1 for flow."""
+    from lib_dynfuse.guidance import alpha_cumprod_to_sigma, x0_to_v
     refiner = LatentRefiner(parts["decoder"], parts["scorer"], scale=10.0)
     g = torch.Generator().manual_seed(10)
     x_t, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     a = torch.tensor([0.3, 0.8])
     x0 = eps_to_x0(x_t, eps, a)
-    want_x0, want_info = refiner.correct_x0(x0)
-    new_eps, info = refiner.correct_eps(x_t, eps, a)
-    torch.testing.assert_close(eps_to_x0(x_t, new_eps, a), want_x0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(info.grad, want_info.grad)
-    new_v, _ = refiner.correct_v(x_t, x0_to_v(x_t, x0, a), a)
-    torch.testing.assert_close(v_to_x0(x_t, new_v, a), want_x0, rtol=1e-5, atol=1e-5)
+    g0 = refiner.grad_x0(x0).grad
+    want = -10.0 * g0 / a.sqrt().view(-1, 1, 1, 1)
+    move, info = refiner.move_eps(x_t, eps, a)
+    torch.testing.assert_close(move, want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(info.grad, g0 / a.sqrt().view(-1, 1, 1, 1), rtol=1e-5, atol=1e-7)
+    move_v, _ = refiner.move_v(x_t, x0_to_v(x_t, x0, a), a)
+    torch.testing.assert_close(move_v, want, rtol=1e-4, atol=1e-6)
+    move_k, _ = refiner.move_x0(x0, alpha_cumprod_to_sigma(a))
+    torch.testing.assert_close(move_k, want, rtol=1e-5, atol=1e-7)
     t = torch.tensor([0.9, 0.2])
     v = (x_t - x0) / t.view(-1, 1, 1, 1)
-    new_fv, _ = refiner.correct_flow_v(x_t, v, t)
-    torch.testing.assert_close(flow_v_to_x0(x_t, new_fv, t), want_x0, rtol=1e-5, atol=1e-5)
+    move_f, _ = refiner.move_flow_v(x_t, v, t)
+    torch.testing.assert_close(move_f, -10.0 * g0, rtol=1e-4, atol=1e-6)

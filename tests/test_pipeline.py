@@ -92,7 +92,9 @@ def test_dynamic_rows_are_uncond_then_cond_and_all_cond_without_cfg(sd):
     assert torch.all(rows[..., 0] == 3) and torch.all(rows[..., 1] == 2)
 
 
-def test_img2img_runs_the_steps_its_strength_leaves(sd):
+def test_img2img_runs_the_tail_its_strength_leaves(sd):
+    """Strength 0.5 of 4 steps runs steps 2 and 3 of the schedule (get_timesteps): K-LoRA's progress starts there,
+    where a txt2img run of 4 steps has the same noise level, not at 0."""
     from diffusers import StableDiffusionImg2ImgPipeline
     pipe, subject, style = sd
     img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
@@ -101,8 +103,11 @@ def test_img2img_runs_the_steps_its_strength_leaves(sd):
     with fuse_pipeline(img2img, subject, style, method="klora") as session:
         img2img(PROMPT, image=image, strength=0.5, num_inference_steps=4, output_type="latent",
                 generator=torch.Generator().manual_seed(0))
-    assert session.steps == [(0, 2), (1, 2)]
-    assert session.record.counts()[1].shape[0] == 2
+    assert session.steps == [(2, 4), (3, 4)]
+    assert session.record.counts()[1][2:].sum() > 0 and session.record.counts()[1][:2].sum() == 0
+    from lib_dynfuse.pipeline import schedule_progress
+    assert schedule_progress(0, 2, 4) == (2, 4) and schedule_progress(1, 3, 3) == (1, 3)
+    assert schedule_progress(1, 8, 10, denoising_end=0.8) == (1, 10)      # SDXL base: the head of 10 steps
 
 
 def test_the_model_is_bit_identical_after_an_exception_inside(sd):
@@ -174,30 +179,73 @@ M = 2000.0    # the tiny random encoders' gradient is ~1e-5 per latent element
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm"])
-def test_refinement_moves_the_combined_x0_by_the_refiner_step(sd, refiner_parts, scheduler):
-    """One step to the end: the final latent is the scheduler's x0 prediction, so the guided latent must be the
-    unguided one moved by -m grad R (as the WebUI test of the same step). DDIM reads alphas_cumprod[t]; Euler
-    scales its input by its sigma; DPM-Solver sets its step index only in its first step()."""
+def test_refinement_moves_x_t_minus_1_by_m_grad(sd, refiner_parts, scheduler, monkeypatch):
+    """Eq. 20 in the paper's x_t units: one step to the end, the scheduler's result x_{t-1} (here its x0 prediction)
+    moves by -m grad_{x_t} R = -m grad_{x0-hat} R / sqrt(alpha-bar), whatever the scheduler; the UNet's prediction
+    stays the model's. DDIM reads alphas_cumprod[t]; Euler scales its input by its sigma (its latents are
+    sigma-scaled, 1 at the end); DPM-Solver sets its step index only in its first step()."""
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    from lib_dynfuse import pipeline
     pipe, subject, style = sd
     saved = pipe.scheduler
     if scheduler != "ddim":
         cls = EulerDiscreteScheduler if scheduler == "euler" else DPMSolverMultistepScheduler
         pipe.scheduler = cls.from_config(saved.config)
     decoder, scorer = refiner_parts
+    alphas = []
+    real_alpha = pipeline.step_alpha_cumprod
+    monkeypatch.setattr(pipeline, "step_alpha_cumprod", lambda *a: alphas.append(real_alpha(*a)) or alphas[-1])
     try:
         with fuse_pipeline(pipe, subject, style, method="merge"):
             plain = _run(pipe, steps=1)
         refiner = LatentRefiner(decoder, scorer, scale=M, grad="x0")
         with fuse_pipeline(pipe, subject, style, method="merge", guidance=refiner) as session:
             guided = _run(pipe, steps=1)
+        assert "step" not in pipe.scheduler.__dict__                # the scheduler's own step again
     finally:
         pipe.scheduler = saved
     _, grad = residual_grad_x0(plain, decoder, scorer, decoder.image_range)
+    assert len(alphas) == 1 and float(alphas[0]) < 0.1           # the first step: x0 gain 1 / sqrt(alpha-bar) > 3
     moved = (guided - plain).abs().max()
     assert moved > 1e-2                           # m grad R is far above the tolerance below
-    torch.testing.assert_close(guided, plain - M * grad, rtol=1e-4, atol=2e-5)
-    assert [(g.step, g.total) for g in session.guidance_log] == [(0, 1)]
+    torch.testing.assert_close(guided, plain - M * grad / alphas[0].sqrt(), rtol=1e-4, atol=2e-5)
+    assert [(g.step, g.total) for g in session.guidance_log] == [(0, 1)] and session.skipped_steps() == []
+
+
+def test_refinement_move_lands_on_the_sigma_scaled_latents_of_euler(sd, refiner_parts):
+    """Mid-schedule, Euler's latents are x_t sqrt(sigma^2 + 1): the move of step 0 reaches the latents after step 0
+    as move * sqrt(sigma_1^2 + 1), and nothing before it."""
+    from diffusers import EulerDiscreteScheduler
+    pipe, subject, style = sd
+    saved = pipe.scheduler
+    pipe.scheduler = EulerDiscreteScheduler.from_config(saved.config)
+    decoder, scorer = refiner_parts
+    refiner = LatentRefiner(decoder, scorer, scale=M, grad="x0", end=1 / 3)   # step 0 of 3
+    moves, after_step = [], {}
+    move_eps = refiner.move_eps
+
+    def recorded(*a):
+        move, info = move_eps(*a)
+        moves.append(move)
+        return move, info
+    refiner.move_eps = recorded
+
+    def keep(run):
+        def callback(pipe_, i, t, kwargs):
+            after_step.setdefault(run, []).append(kwargs["latents"].clone())
+            return {}
+        return callback
+    try:
+        with fuse_pipeline(pipe, subject, style, method="merge"):
+            _run(pipe, callback_on_step_end=keep("plain"))
+        with fuse_pipeline(pipe, subject, style, method="merge", guidance=refiner):
+            _run(pipe, callback_on_step_end=keep("guided"))
+        sigma_1 = pipe.scheduler.sigmas[1]
+    finally:
+        pipe.scheduler = saved
+    assert len(moves) == 1 and moves[0].abs().max() > 1e-3
+    torch.testing.assert_close(after_step["guided"][0] - after_step["plain"][0],
+                               moves[0] * (sigma_1 ** 2 + 1).sqrt(), rtol=1e-4, atol=1e-6)
 
 
 def test_refinement_refuses_what_it_cannot_do_and_leaves_the_model(sd, refiner_parts):

@@ -1,10 +1,11 @@
-"""Exact conversions between a sampler's variable and the x0 prediction, and back for a corrected x0.
+"""Exact conversions between a sampler's variable, the x0 prediction and the paper's x_t.
 
 DDPM/DDIM (alphas_cumprod a):  x_t = sqrt(a) x0 + sqrt(1-a) eps,   v = sqrt(a) eps - sqrt(1-a) x0.
 k-diffusion (sigma):            x = x0 + sigma eps (x = x_t / sqrt(a), sigma = sqrt((1-a)/a)); denoised = x0.
 Flow matching (FLUX, t):        x_t = (1-t) x0 + t noise,          v = noise - x0.
-Guidance moves x0 by delta (Eq. 20 on x0-hat); `*_for_x0_shift` give the same move in the sampler's variable
-with x_t held fixed, so hosts whose callbacks see eps or v can write the correction back.
+Eq. 20 moves x_{t-1} by -m grad_{x_t} R in the paper's x_t scale, the DDPM x_t (flow: the flow latent itself).
+`sampler_x_scale` converts such a move into a sampler's variable, `x0_gain` a gradient w.r.t. x0-hat into
+one w.r.t. x_t. `*_for_x0_shift` give a move of x0 in the sampler's variable with x_t held fixed.
 """
 from __future__ import annotations
 
@@ -111,3 +112,54 @@ def flow_x0_to_v(x_t: torch.Tensor, x0: torch.Tensor, t: Scalar) -> torch.Tensor
 def flow_v_for_x0_shift(v: torch.Tensor, delta_x0: torch.Tensor, t: Scalar) -> torch.Tensor:
     """The v whose x0 (at the same x_t) is x0 + delta: v - delta / t."""
     return v - delta_x0 / append_dims(t, v)
+
+
+# ---------------------------------------------------------------------------- Eq. 20 in the paper's x_t scale
+SPACES = ("k", "ddpm", "flow")   # k-diffusion's sigma-scaled x, DDPM-scaled x (timestep samplers), flow latents
+
+
+def sampler_x_scale(space: str, level: Scalar, like: torch.Tensor) -> torch.Tensor:
+    """d x / d x_t: one unit of the paper's x_t in the sampler's variable x, to broadcast against `like` (>= float32).
+
+    k (level = sigma): x = x_t sqrt(1 + sigma^2); ddpm (level = alphas_cumprod) and flow (level = t): x = x_t."""
+    if space == "k":
+        return (1 + _level(level, like) ** 2).sqrt()
+    _check_space(space)
+    return torch.ones((), dtype=wide_dtype(like.dtype), device=like.device)
+
+
+def x0_gain(space: str, level: Scalar, like: torch.Tensor) -> torch.Tensor:
+    """d x0-hat / d x_t with the model's prediction held fixed (the chain rule of an x0-hat gradient to x_t).
+
+    k and ddpm hold eps fixed: x0 = (x_t - sqrt(1-a) eps) / sqrt(a) gives 1/sqrt(a) = sqrt(1 + sigma^2). flow holds
+    the velocity fixed: x0 = x_t - t v gives 1 (holding the noise fixed would give 1/(1-t), unbounded at t = 1)."""
+    if space == "k":
+        return (1 + _level(level, like) ** 2).sqrt()
+    if space == "ddpm":
+        return _level(level, like).rsqrt()
+    _check_space(space)
+    return torch.ones((), dtype=wide_dtype(like.dtype), device=like.device)
+
+
+def prediction_to_x0(space: str, x: torch.Tensor, output: torch.Tensor, level: Scalar) -> torch.Tensor:
+    """x0-hat from a CFG denoiser's output: k-diffusion and flow denoisers return x0, DDPM ones eps."""
+    if space == "ddpm":
+        return eps_to_x0(x, output, level)
+    _check_space(space)
+    return output
+
+
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision dtypes, else the dtype: gradients and moves are kept at least in float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _level(level: Scalar, like: torch.Tensor) -> torch.Tensor:
+    """sigma / alpha-bar / t as a scalar or per row [B], in at least float32, broadcasting against `like`."""
+    v = torch.as_tensor(level, device=like.device).to(wide_dtype(like.dtype))
+    return v.reshape(v.shape + (1,) * (like.dim() - v.dim())) if v.dim() else v
+
+
+def _check_space(space: str) -> None:
+    if space not in SPACES:
+        raise ValueError(f"DynFuse guidance: sampler space must be one of {SPACES}, got {space!r}")

@@ -4,7 +4,8 @@ A decoder is a module so that `make_private_copy` can copy it whole (a lambda wo
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import copy
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -68,3 +69,35 @@ def taesd_decoder(decoder: nn.Module, max_latent_side: Optional[int] = None) -> 
     """A TAESD decoder module that maps UNet-space latents straight to [0,1] (e.g. the WebUI's
     sd_vae_taesd.decoder_model()). For diffusers' AutoencoderTiny use vae_decoder(tiny)."""
     return LatentDecoder(decoder, 1.0, 0.0, (0.0, 1.0), False, max_latent_side)
+
+
+def make_private_copy(module: nn.Module) -> nn.Module:
+    """A deep copy made outside inference mode, every tensor a normal one, requires_grad False, eval mode.
+
+    Forge creates weights inside inference mode; backward through them fails, through this copy it works.
+    """
+    with torch.inference_mode(False):
+        private = copy.deepcopy(module)
+        with torch.no_grad():
+            for m in private.modules():
+                for name, p in list(m.named_parameters(recurse=False)):
+                    if p.is_inference():
+                        setattr(m, name, nn.Parameter(p.clone(), requires_grad=False))
+                for name, b in list(m.named_buffers(recurse=False)):
+                    if b is not None and b.is_inference():
+                        setattr(m, name, b.clone())
+    return private.requires_grad_(False).eval()
+
+
+def is_half(module: nn.Module) -> bool:
+    """Whether any weight of the module is float16 or bfloat16."""
+    return any(p.dtype in (torch.float16, torch.bfloat16) for p in module.parameters())
+
+
+def gradient_decoder(decoder: Callable) -> Callable:
+    """The decoder a gradient goes through: a private float32 copy of a decoder module whose weights are
+    float16/bfloat16 (the full VAE's backward overflows in half precision on SDXL; the copy costs the module
+    once more in float32), any other decoder as it is."""
+    if isinstance(decoder, nn.Module) and is_half(decoder):
+        return make_private_copy(decoder).float()
+    return decoder

@@ -261,16 +261,22 @@ def session_targets(session: Any) -> list:
     return list(getattr(session, "targets", []) or [])
 
 
+def img2img_fix_steps() -> bool:
+    """opts.img2img_fix_steps (shared_options.py:220): img2img runs exactly its steps slider."""
+    from modules import shared
+    return bool(getattr(shared.opts, "img2img_fix_steps", False))
+
+
 def on_cfg_denoiser(params: Any) -> None:
-    """Step, total and cond/uncond rows of this denoiser call, from the denoiser itself (script_callbacks.py:45)."""
+    """Step, total and cond/uncond rows of this denoiser call, from the denoiser itself (script_callbacks.py:45);
+    an img2img or hires pass counts from where it enters the full schedule (common.pass_progress)."""
     denoiser = getattr(params, "denoiser", None)
     run = getattr(getattr(denoiser, "p", None), RUN_ATTR, None)
     if run is None or not run.active_sessions:
         return
-    step = getattr(denoiser, "step", None)
-    total = getattr(denoiser, "total_steps", None)
-    if step is None or not total:
-        step, total = params.sampling_step, params.total_sampling_steps
-    run.set_step(step, total)
+    if getattr(denoiser, "step", None) is None or not getattr(denoiser, "total_steps", None):
+        run.set_step(params.sampling_step, params.total_sampling_steps)
+    else:
+        run.set_step(*common.pass_progress(denoiser, img2img_fix_steps()))
     n_uncond = _rows(params.text_uncond)
     run.rows.reset(int(params.x.shape[0]) - n_uncond, n_uncond)

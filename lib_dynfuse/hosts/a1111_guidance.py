@@ -11,9 +11,12 @@ Host facts (upstream 82a973c0) this relies on:
   bar takes job_count * sampling_steps at its first step (shared_total_tqdm.py:8-14). `count_reference_jobs`
   settles these before the first reference render, so each render is one job of the same bar.
 - The CFG denoiser is an nn.Module, `p.sampler.model_wrap_cfg`, called as forward(x, sigma, uncond, cond,
-  cond_scale, s_min_uncond, image_cond) (sd_samplers_cfg_denoiser.py:33, :156) with its call counter `step` and
-  `total_steps` (sd_samplers_common.py:265-291); it returns x0 for k-diffusion samplers and eps for
-  CFGDenoiserTimesteps (DDIM/PLMS/UniPC: sd_samplers_timesteps.py:48-72, `alphas` = sd_model.alphas_cumprod).
+  cond_scale, s_min_uncond, image_cond) (sd_samplers_cfg_denoiser.py:33, :156) with the sampler's own x
+  (k-diffusion: `model(x, sigmas[i] * s_in, **extra_args)`; DDIM/PLMS/UniPC: sd_samplers_timesteps_impl.py:25,
+  :64, :114), its call counter `step`, `steps` and `total_steps` (sd_samplers_common.py:265-291); it returns x0
+  for k-diffusion samplers and eps for CFGDenoiserTimesteps (DDIM/PLMS/UniPC: sd_samplers_timesteps.py:48-72,
+  `alphas` = sd_model.alphas_cumprod). The pass's result comes from `p.sampler.sample` / `sample_img2img`
+  (processing.py:1346, :1454, :1774), a new sampler per pass (:1308, :1386, :1607).
 - First stage: `sd_model.first_stage_model.decode(z / sd_model.scale_factor)` in [-1,1]; TAESD:
   `sd_vae_taesd.decoder_model()` maps UNet latents to [0,1] (sd_vae_taesd.py:97-119) but downloads a missing
   file, so it is used only when models/VAE-taesd/<name> is on disk.
@@ -28,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..guidance import LatentDecoder, taesd_decoder, vae_decoder
+from ..guidance.triggers import trigger_words
 from ..layer_delta import FuseTarget
 
 log = logging.getLogger("dynfuse")
@@ -132,6 +136,15 @@ class A1111Guidance:
             return None
         return processed.images[0]
 
+    def trigger_words(self, lora: str) -> List[str]:
+        """From the LoRA list entry's safetensors metadata (NetworkOnDisk.metadata, network.py:24-47) and the user
+        metadata beside the file (extra_networks.get_user_metadata, extra_networks.py:209-225: "activation text",
+        what the card's metadata editor saves, ui_edit_user_metadata.py:59-68)."""
+        from modules import extra_networks
+        on_disk = self.host._on_disk(lora)
+        user = extra_networks.get_user_metadata(getattr(on_disk, "filename", None))
+        return trigger_words(getattr(on_disk, "metadata", None) or {}, user)
+
     # ------------------------------------------------------------------ encoders and decoder
     def models_dir(self) -> str:
         from modules import paths
@@ -174,9 +187,13 @@ class A1111Guidance:
     def denoiser(self, p: Any) -> Optional[torch.nn.Module]:
         return getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
 
-    def prediction(self, denoiser: Any) -> str:
-        """CFGDenoiserTimesteps returns eps (it has `alphas`, sd_samplers_timesteps.py:56-64)."""
-        return "eps" if type(denoiser).__name__ == "CFGDenoiserTimesteps" or hasattr(denoiser, "alphas") else "x0"
+    def space(self, p: Any, denoiser: Any) -> str:
+        """CFGDenoiserTimesteps (it has `alphas`, sd_samplers_timesteps.py:56-64) returns eps and samples DDPM-scaled
+        x; the k-diffusion denoisers return x0 and sample x = x0 + sigma eps (sd_samplers_kdiffusion.py:52-64), SD3's
+        the flow latent x = (1 - sigma) x0 + sigma noise (models/sd3/sd3_impls.py:41-46, `is_sd3`)."""
+        if type(denoiser).__name__ == "CFGDenoiserTimesteps" or hasattr(denoiser, "alphas"):
+            return "ddpm"
+        return "flow" if getattr(getattr(p, "sd_model", None), "is_sd3", False) else "k"
 
     def alphas_cumprod(self, p: Any, denoiser: Any) -> torch.Tensor:
         alphas = getattr(denoiser, "alphas", None)

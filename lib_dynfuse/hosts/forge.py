@@ -381,14 +381,16 @@ def row_labels(cond_or_uncond: Sequence[int], rows: int) -> List[str]:
 
 
 def denoiser_progress(sampler: Any) -> Callable[[], Tuple[int, int]]:
-    """(step, total) from the pass's CFG denoiser: `step` counts its calls from 0, `total_steps` is set at
-    sampling start (modules/sd_samplers_common.py:276, :300; cfg_denoiser.py:222). A new sampler per pass
-    (hires: processing.py:1452) restarts it."""
+    """(step, total) of the pass's CFG denoiser's next call through the full schedule (common.pass_progress):
+    `step` counts its calls from 0, `total_steps` and `steps` are set at sampling start (modules/
+    sd_samplers_common.py:274-276; cfg_denoiser.py:47-52); an img2img or hires pass (`init_latent` set,
+    sd_samplers_kdiffusion.py:178, sd_samplers_timesteps.py:106) enters the full schedule part-way. A new
+    sampler per pass (hires: processing.py:1452) restarts the counter."""
     def progress() -> Tuple[int, int]:
+        from modules import shared
         denoiser = getattr(sampler, "model_wrap_cfg", None)
-        step = int(getattr(denoiser, "step", 0) or 0)
-        total = int(getattr(denoiser, "total_steps", 0) or 0)
-        return step, max(total, step + 1)
+        fix_steps = bool(getattr(getattr(shared, "opts", None), "img2img_fix_steps", False))
+        return common.pass_progress(denoiser, fix_steps)
     return progress
 
 

@@ -8,18 +8,21 @@ Host facts (Forge @ dfdcbab6, shared/reference/webui-forge.md sections 3-4):
   outside inference mode;
 - x_t gradient: the CFG denoiser reads the UNet patcher from `sd_model.forge_objects.unet` on every call and
   calls the model through `model_options["model_function_wrapper"]` (sampling_function.py:325-334, :270-273).
-  For the gradient's extra denoiser call only, a wrapper of ours (on a cloned patcher, like the fusion's) sends
-  the UNet call to a private non-inference copy of the KModel (made at the first x_t step of a generation,
-  dropped at its end: one more UNet in memory meanwhile), with the fusion's UNet targets mapped onto the copy's
-  layers by name, and autograd keeping copies of the activations that Forge's UNet changes in place. The
-  host's model, its patcher and every other call stay as they were. Any tensor of the
+  For the denoiser call that is run with gradients (the step's own call, once), a wrapper of ours (outermost on
+  a cloned patcher, like the fusion's) passes the host's model function on down the wrapper chain with the
+  model swapped for a private non-inference copy of the KModel (made at the first x_t step of a generation,
+  dropped at its end: one more UNet in memory meanwhile), on which the fusion's UNet targets are mapped by
+  name and record into the run's selection record; autograd keeps copies of the activations that Forge's UNet
+  changes in place. The host's model, its patcher and every other call stay as they were. Any tensor of the
   host's made in inference mode that the backward would have to save (an inpainting mask, processing.py blend)
   makes that step fall back to the x0 gradient with a message;
 - progress: the same job counters and console total as A1111 (processing.py:921-922, :1019 nextjob,
   :1325-1334 hires; shared_state.py, shared_total_tqdm.py), so A1111Guidance.count_reference_jobs applies;
 - the CFG denoiser returns x0 for every sampler except CFGDenoiserTimesteps, which sets
-  `classic_ddim_eps_estimation` and returns eps (modules/sd_samplers_cfg_denoiser.py:160-166, :222-224;
-  sd_samplers_timesteps.py:37-48); its alphas are `sd_model.alphas_cumprod` (sd_samplers_timesteps.py:31);
+  `classic_ddim_eps_estimation`, samples DDPM-scaled x and returns eps (modules/sd_samplers_cfg_denoiser.py:160-166,
+  :222-224; sd_samplers_timesteps.py:37-48); its alphas are `sd_model.alphas_cumprod` (sd_samplers_timesteps.py:31);
+  a flow model's predictor (FLUX, SD3: `prediction_type == "const"`, backend/modules/k_prediction.py:94-96,
+  :253-289) samples x = (1 - t) x0 + t noise with sigma = t;
 - the VAE is `forge_objects.vae.first_stage_model` (IntegratedAutoencoderKL, decode(z) in [-1,1] with
   `scaling_factor`/`shift_factor`, backend/nn/vae.py:278-316); FLUX is sampled as x0 predictions too.
 - references: a nested process_images in Script.process, before the inference-mode block (webui-forge.md sec. 4).
@@ -34,6 +37,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..guidance import LatentDecoder, make_private_copy
+from ..guidance.decoders import is_half
 from ..layer_delta import FuseTarget
 from .a1111_guidance import A1111Guidance, taesd_file
 from .forge import denoiser_progress, row_labels
@@ -41,23 +45,30 @@ from .forge import denoiser_progress, row_labels
 XT_NO_UNET = "the x_t gradient found no UNet to copy (no sd_model.forge_objects.unet)"
 
 
+def private_copy32(module: torch.nn.Module) -> torch.nn.Module:
+    """A private, non-inference copy, in float32 where the host's weights are half precision (decoders.is_half)."""
+    copy = make_private_copy(module)
+    return copy.float() if is_half(copy) else copy
+
+
 def private_vae_decoder(first_stage: torch.nn.Module) -> LatentDecoder:
     """A differentiable decoder from a private, non-inference copy of Forge's first stage model."""
     shift = getattr(first_stage, "shift_factor", 0.0)
-    return LatentDecoder(make_private_copy(first_stage), float(first_stage.scaling_factor),
+    return LatentDecoder(private_copy32(first_stage), float(first_stage.scaling_factor),
                          float(shift if isinstance(shift, float) else 0.0), (-1.0, 1.0), True)
 
 
 def private_taesd_decoder(decoder: torch.nn.Module) -> LatentDecoder:
     """The host's TAESD decoder (latents -> [0,1]) as a private copy."""
-    return LatentDecoder(make_private_copy(decoder), 1.0, 0.0, (0.0, 1.0), False)
+    return LatentDecoder(private_copy32(decoder), 1.0, 0.0, (0.0, 1.0), False)
 
 
 class PrivateUNet:
     """A non-inference copy of the host's KModel with the fusion's UNet targets mapped onto its layers, called
-    in place of the host's model during the x_t gradient's denoiser call only."""
+    in place of the host's model during the x_t gradient's denoiser call only. `record`: the run's selection
+    record, which the copy's layers write into (that call is the step's own)."""
 
-    def __init__(self, kmodel: torch.nn.Module, targets: List[FuseTarget], args: Any):
+    def __init__(self, kmodel: torch.nn.Module, targets: List[FuseTarget], args: Any, record: Any = None):
         from ..session import FuseSession
         self.source = kmodel
         self.model = make_private_copy(kmodel)
@@ -68,16 +79,24 @@ class PrivateUNet:
         if mapped:
             self.session = FuseSession(mapped, method=args.method, criterion=args.criterion,
                                        klora_alpha=args.klora_alpha, klora_beta=args.klora_beta,
-                                       klora_scale=args.klora_scale, record=False, te_mode=args.text_encoder)
+                                       klora_scale=args.klora_scale, record=record is not None,
+                                       te_mode=args.text_encoder)
+            if record is not None and self.session.record is not None:
+                if list(self.session.record.layer_names) == list(record.layer_names):
+                    self.session.record = record
+                else:
+                    self.session.record = None
 
-    def apply(self, args: Dict[str, Any], progress: Callable[[], Tuple[int, int]]) -> torch.Tensor:
-        """One UNet call as Forge makes it (`apply_model(input, timestep, **c)`), fused like the host's call."""
-        if self.session is None:
-            return self.model.apply_model(args["input"], args["timestep"], **args["c"])
-        self.session.set_step(*progress())
-        self.session.set_row_labels(row_labels(args.get("cond_or_uncond", []), int(args["input"].shape[0])))
-        with self.session:
-            return self.model.apply_model(args["input"], args["timestep"], **args["c"])
+    def apply_model(self, labels: List[str], progress: Callable[[], Tuple[int, int]]) -> Callable:
+        """`apply_model(input, timestep, **c)` of the copy (what Forge's wrappers call), fused like the host's."""
+        def apply(input, timestep, **c):
+            if self.session is None:
+                return self.model.apply_model(input, timestep, **c)
+            self.session.set_step(*progress())
+            self.session.set_row_labels(labels)
+            with self.session:
+                return self.model.apply_model(input, timestep, **c)
+        return apply
 
 
 def _copy_activation(t: torch.Tensor) -> torch.Tensor:
@@ -93,11 +112,13 @@ def saved_activations_copied():
 
 
 def make_redirect_wrapper(state: Dict[str, Any], previous: Optional[Callable] = None) -> Callable:
-    """A `model_function_wrapper` that sends the call to `state["private"]` while `state["active"]`, and
-    otherwise passes it on unchanged (to `previous`, the fusion's or another extension's wrapper)."""
+    """A `model_function_wrapper` that, while `state["active"]`, hands the rest of the chain (`previous`: the
+    fusion's or another extension's wrapper) the private copy's model function instead of the host's, and
+    otherwise passes the call on unchanged."""
     def dynfuse_guidance_wrapper(apply_model, args):
         if state.get("active"):
-            return state["private"].apply(args, state["progress"])
+            labels = row_labels(args.get("cond_or_uncond", []), int(args["input"].shape[0]))
+            apply_model = state["private"].apply_model(labels, state["progress"])
         if previous is not None:
             return previous(apply_model, args)
         return apply_model(args["input"], args["timestep"], **args["c"])
@@ -157,8 +178,12 @@ class ForgeGuidance(A1111Guidance):
             self._private = (source, chosen, copy)
         return self._private[2], note
 
-    def prediction(self, denoiser: Any) -> str:
-        return "eps" if getattr(denoiser, "classic_ddim_eps_estimation", False) else "x0"
+    def space(self, p: Any, denoiser: Any) -> str:
+        if getattr(denoiser, "classic_ddim_eps_estimation", False):
+            return "ddpm"
+        unet = getattr(getattr(p.sd_model, "forge_objects", None), "unet", None)
+        predictor = getattr(getattr(unet, "model", None), "predictor", None)
+        return "flow" if getattr(predictor, "prediction_type", "") == "const" else "k"
 
     def alphas_cumprod(self, p: Any, denoiser: Any) -> torch.Tensor:
         return p.sd_model.alphas_cumprod
@@ -185,7 +210,9 @@ class ForgeGuidance(A1111Guidance):
         private = state.get("private")
         if private is None or private.source is not unet.model:
             state["private"] = None       # free an old copy first
-            state["private"] = PrivateUNet(unet.model, grun.run.forward_targets(grun.run.prepare(p)), grun.run.args)
+            targets = grun.run.forward_targets(grun.run.prepare(p))
+            session = grun.run.session_for("unet", targets)
+            state["private"] = PrivateUNet(unet.model, targets, grun.run.args, getattr(session, "record", None))
         state["active"] = True
         try:
             with saved_activations_copied():

@@ -7,33 +7,35 @@ Host-independent; a host supplies a small `GuidanceHost` (a1111_guidance.py, for
                                     renders as jobs, then the subject and style references (given images, the
                                     cache, or nested renders through a FuseSession holding only that LoRA's
                                     deltas), build the refiner
-    before_every_sampling(host, p)  after the host made its sampler: hooks on the CFG denoiser of this pass
-    finish(host, p, processed)      Script.postprocess: hooks gone, a summary in the infotext, references shown
+    before_every_sampling(host, p)  after the host made its sampler: this pass's denoiser and sampler wrapped
+    finish(host, p, processed)      Script.postprocess: wrappers gone, a summary in the infotext, references shown
 
-The correction sits on the CFG denoiser module (an nn.Module in both hosts, called once per sampler call as
-`denoiser(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)`):
-- "x0" gradient: a forward hook moves the returned prediction, x0-hat (k-diffusion samplers) or eps (DDIM/PLMS/
-  UniPC: eps -> x0-hat -> corrected x0 -> eps, conversions exact);
-- "xt" gradient: a forward pre-hook differentiates R through one more denoiser forward and moves the sampler's
-  own x_t in place (Eq. 20); a host whose weights cannot be differentiated (Forge) routes that one call to
-  private state (`differentiable`), and a failing backward switches the run to "x0" with a message.
-When anything needed is missing the generation goes on without guidance and the run's report says why.
+Eq. 20 is applied as written, x_{t-1} = x_{t-1}^ori - m grad_{x_t} R with m in the paper's x_t scale, on each
+pass's CFG denoiser and sampler (guidance_pass.py): the gradient from the first denoiser call of a step ("x0"
+through its output, "xt" through the call itself, run once with gradients), the move added to the sampler's
+own x at the next step's first call, the last one to what the pass returns. A row whose gradient or moved
+latent is not finite keeps its latent and the run reports the step. A host whose weights cannot be
+differentiated (Forge) routes the x_t call to private state (`differentiable`); a failing x_t call switches the
+run to "x0" with a message. When anything needed is missing the generation goes on without guidance and the
+run's report says why. The references' prompts default to the main prompt without the other LoRA's trigger
+words (guidance/triggers.py).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
 from ..guidance import (EncoderStore, GuidanceUnavailable, LatentRefiner, ReferenceCache, ReferenceImageError,
                         ReferenceKey, decode_image_arg, paper_scorer)
-from ..guidance import conversions as cv
+from ..guidance.triggers import reference_prompt
 from ..layer_delta import FuseTarget
 from . import common
+from ..guidance.step import GuidedStep, skipped_steps
+from .guidance_pass import PassCorrection
 
 log = logging.getLogger("dynfuse")
 
@@ -55,11 +57,13 @@ class GuidanceHost(Protocol):
 
     def encoder_settings(self) -> Dict[str, Any]: ...                   # EncoderStore.get kwargs
 
+    def trigger_words(self, lora: str) -> List[str]: ...                # from its metadata ([] = none known)
+
     def decoder(self, p: Any, kind: str) -> Tuple[torch.nn.Module, str]: ...   # (decoder, note or '')
 
     def denoiser(self, p: Any) -> Optional[torch.nn.Module]: ...        # the CFG denoiser of the current pass
 
-    def prediction(self, denoiser: Any) -> str: ...                     # "x0" or "eps"
+    def space(self, p: Any, denoiser: Any) -> str: ...                  # "k", "ddpm" or "flow" (conversions.SPACES)
 
     def alphas_cumprod(self, p: Any, denoiser: Any) -> torch.Tensor: ...
 
@@ -95,21 +99,7 @@ def reference_key(role: str, settings: Dict[str, Any], lora_hash: str, weight: f
                         cfg_scale=float(settings.get("cfg_scale", 0.0)), extra=tuple(settings.get("extra", ())))
 
 
-def denoiser_progress(denoiser: Any, after_call: bool) -> Tuple[int, int]:
-    """(call index, calls expected) from the denoiser's own counters (sd_samplers_common.py:265-291);
-    the counter is incremented at the end of forward (sd_samplers_cfg_denoiser.py:310)."""
-    step = int(getattr(denoiser, "step", 0)) - (1 if after_call else 0)
-    return max(step, 0), max(int(getattr(denoiser, "total_steps", 0) or 1), 1)
-
-
 # ----------------------------------------------------------------------------- one generation
-@dataclass
-class StepLog:
-    step: int
-    total: int
-    residual: float
-
-
 class GuidanceRun:
     """The refinement state of one generation: references, refiner, denoiser hooks, log."""
 
@@ -120,10 +110,10 @@ class GuidanceRun:
         self.cache = references if references is not None else REFERENCES    # an empty cache is falsy
         self.refiner: Optional[LatentRefiner] = None
         self.images: Dict[str, Any] = {}
+        self.prompts: Dict[str, str] = {}     # role -> the main prompt less the other LoRA's trigger words
         self.rendered: List[str] = []
-        self.log: List[StepLog] = []
-        self._handles: List[Any] = []
-        self._busy = False
+        self.log: List[GuidedStep] = []
+        self.correction: Optional[PassCorrection] = None   # the current pass's
         self.host_state: Dict[str, Any] = {}   # what the GuidanceHost keeps for this generation only
 
     # ------------------------------------------------------------------ set-up (Script.process)
@@ -170,13 +160,27 @@ class GuidanceRun:
             return _ReferencePlan(role, given=decode_image_arg(given))
         settings = self.host.reference_settings(p)
         own = args.subject_prompt if role == "subject" else args.style_prompt
-        prompt = strip_tags(own or settings.get("prompt", ""))
+        prompt = strip_tags(own)
+        if not prompt:       # Eq. 14-15 with the main prompt: the other LoRA's trigger words mean nothing here
+            other = args.style if role == "subject" else args.subject
+            main = strip_tags(settings.get("prompt", ""))
+            prompt = reference_prompt(main, self._trigger_words(other))
+            if prompt != main:
+                self.prompts[role] = prompt
         steps = int(args.reference_steps or settings["steps"])
         weight = args.subject_weight if role == "subject" else args.style_weight
         lora = args.subject if role == "subject" else args.style
         key = reference_key(role, settings, self.run.hashes.get(role) or lora, weight, prompt, steps)
         return _ReferencePlan(role, key=key, prompt=prompt, steps=steps, p=p,
                               targets=single_lora_targets(targets, role))
+
+    def _trigger_words(self, lora: str) -> List[str]:
+        words = getattr(self.host, "trigger_words", None)
+        try:
+            return list(words(lora)) if words is not None else []
+        except Exception as e:   # unreadable metadata: the main prompt as it is
+            log.info("DynFuse guidance: no trigger words for %s: %s", lora, e)
+            return []
 
     def _reference(self, plan: "_ReferencePlan") -> Optional[Any]:
         if plan.key is None:
@@ -196,100 +200,47 @@ class GuidanceRun:
         return images[0]
 
     # ------------------------------------------------------------------ per pass (process_before_every_sampling)
-    def attach(self, denoiser: torch.nn.Module) -> None:
-        """Hooks on this pass's CFG denoiser; the previous pass's go first."""
+    def attach(self, denoiser: torch.nn.Module, sampler: Any = None) -> None:
+        """Eq. 20 on this pass (guidance_pass.PassCorrection); the last pass's wrappers go first."""
         self.detach()
-        if self.refiner is None or denoiser is None:
-            return
-        # with_kwargs: k-diffusion calls model(x, sigma, **extra_args) (cond, uncond, cond_scale, ... as keywords)
-        self._handles = [denoiser.register_forward_pre_hook(self._before_call, with_kwargs=True),
-                         denoiser.register_forward_hook(self._after_call, with_kwargs=True)]
+        if self.refiner is not None and denoiser is not None:
+            self.correction = PassCorrection(self, denoiser, sampler)
 
     def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        correction, self.correction = self.correction, None
+        if correction is not None:
+            correction.detach()
 
     def release(self) -> None:
-        """Hooks gone and the host's per-generation state dropped (Forge: the private UNet copy)."""
+        """Wrappers gone and the host's per-generation state dropped (Forge: the private UNet copy)."""
         self.detach()
         release = getattr(self.host, "release", None)
         if release is not None:
             release(self.p, self)
         self.host_state.clear()
 
-    def _before_call(self, denoiser: Any, inputs: tuple, kwargs: dict):
-        """x_t gradient (Eq. 20): x_t <- x_t - m * grad_xt R, in place, so the UNet and the sampler see it."""
-        if self._busy or self.refiner.grad != "xt":
-            return None
-        step, total = denoiser_progress(denoiser, after_call=False)
-        if not self.refiner.active(step, total):
-            return None
-        x = inputs[0]
-        model_fn = self._model_fn(denoiser, inputs, kwargs)
-        try:
-            _, info = self.refiner.correct_xt(x, model_fn)
-        except RuntimeError as e:   # e.g. an inpainting mask made under inference mode meets the backward
-            self.run.note(f"DynFuse guidance: the x_t gradient failed at call {step} ({e}); using the x0 "
-                          "gradient from here on", self.p)
-            self.refiner.grad = "x0"
-            return None
-        with torch.no_grad():
-            x.sub_((self.refiner.scale * info.grad).to(x.dtype))
-        self._record(step, total, info)
-        return None
-
-    def _after_call(self, denoiser: Any, inputs: tuple, kwargs: dict, output: torch.Tensor):
-        """x0 gradient: the denoiser's prediction (x0-hat, or eps for timestep samplers) moved by -m grad R."""
-        if self._busy or self.refiner.grad != "x0":
-            return None
-        step, total = denoiser_progress(denoiser, after_call=True)
-        if not self.refiner.active(step, total):
-            return None
-        if self.host.prediction(denoiser) == "eps":
-            a = self._alpha(denoiser, inputs)
-            new, info = self.refiner.correct_eps(inputs[0], output, a)
-        else:
-            new, info = self.refiner.correct_x0(output)
-        self._record(step, total, info)
-        return new.to(dtype=output.dtype)
-
-    def _alpha(self, denoiser: Any, inputs: tuple) -> torch.Tensor:
-        """alpha-bar of the timesteps the timestep samplers pass as `sigma` (sd_samplers_timesteps_impl.py:24)."""
-        alphas = self.host.alphas_cumprod(self.p, denoiser)
-        t = inputs[1].round().long().clamp(0, alphas.shape[0] - 1)
-        return alphas.to(t.device)[t].float()
-
-    def _model_fn(self, denoiser: Any, inputs: tuple, kwargs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
-        """x_t -> x0-hat through the denoiser's own forward (hooks skipped, its call counter kept)."""
-        rest = inputs[1:]
-        eps = self.host.prediction(denoiser) == "eps"
-
-        differentiable = getattr(self.host, "differentiable", None)
-
-        def model_fn(x):
-            saved = denoiser.step
-            self._busy = True
-            try:
-                with (differentiable(self.p, self) if differentiable is not None else contextlib.nullcontext()):
-                    out = denoiser.forward(x, *rest, **kwargs)
-            finally:
-                denoiser.step = saved
-                self._busy = False
-            return cv.eps_to_x0(x, out, self._alpha(denoiser, inputs)) if eps else out
-        return model_fn
-
-    def _record(self, step: int, total: int, info: Any) -> None:
-        self.log.append(StepLog(step, total, float(info.residual.mean())))
-
     # ------------------------------------------------------------------ outputs
     def summary(self) -> Optional[str]:
-        """e.g. `R 0.512 -> 0.498, 4 corrections, grad x0` for the infotext, or None when nothing was corrected."""
+        """e.g. `R 0.512 -> 0.498, 4 corrections (steps 0, 1, 2, 3 of 4), grad x0` for the infotext, or None
+        when nothing was corrected; read after sampling (the log's tensors stay on the device until then)."""
         if not self.log:
             return None
-        calls = ", ".join(str(s.step) for s in self.log)
-        return (f"R {self.log[0].residual:.4f} -> {self.log[-1].residual:.4f}, {len(self.log)} corrections "
-                f"(calls {calls} of {self.log[-1].total}), grad {self.refiner.grad}")
+        first, last = (float(e.residual.float().mean()) for e in (self.log[0], self.log[-1]))
+        steps = ", ".join(str(e.step) for e in self.log)
+        prompts = "".join(f"; {key}: {self.prompts[role]}" for role, key in (("subject", "l_c"), ("style", "l_s"))
+                          if role in self.prompts)
+        return (f"R {first:.4f} -> {last:.4f}, {len(self.log)} corrections (steps {steps} of {self.log[-1].total}), "
+                f"grad {self.refiner.grad}{prompts}")
+
+    def skipped_steps(self) -> List[int]:
+        """Steps whose move was left out for some row (a NaN/Inf gradient or moved latent); read after sampling."""
+        return skipped_steps(self.log)
+
+    def report_skipped(self) -> None:
+        skipped = self.skipped_steps()
+        if skipped:
+            self.run.note(f"DynFuse guidance: the correction of step(s) {', '.join(map(str, skipped))} was skipped "
+                          "(the gradient or the moved latent was not finite)", self.p)
 
 
 @dataclass
@@ -348,6 +299,7 @@ def begin(host: Any, p: Any, ghost: Optional[GuidanceHost] = None, **kwargs) -> 
             return sample(*a, **kw)
         finally:
             grun.release()
+            grun.report_skipped()
             summary = grun.summary()
             params = getattr(p, "extra_generation_params", None)
             if summary and params is not None:
@@ -362,7 +314,7 @@ def before_every_sampling(host: Any, p: Any, ghost: Optional[GuidanceHost] = Non
     grun = getattr(p, GUIDANCE_ATTR, None)
     if grun is not None and grun.refiner is not None:
         ghost = ghost or grun.host
-        grun.attach(ghost.denoiser(p))
+        grun.attach(ghost.denoiser(p), getattr(p, "sampler", None))
         before_pass = getattr(ghost, "before_pass", None)
         if before_pass is not None:
             before_pass(p, grun)

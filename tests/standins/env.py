@@ -127,6 +127,17 @@ class HostEnv:
         shared.total_tqdm.clear()
         return p, processing.process_images(p)
 
+    def img2img(self, args=None, init_latent=None, **kwargs):
+        """One img2img request (api.py:520-540 -> process_images) from `init_latent` [1, 4, h, w]."""
+        from modules import processing, shared
+        script_args = list(args) if args is not None else self.ui_values()
+        self.script.args_from, self.script.args_to = 0, len(script_args)
+        p = processing.StableDiffusionProcessingImg2Img(init_latent=init_latent, scripts=self.runner,
+                                                        script_args=script_args, **kwargs)
+        shared.state.begin()
+        shared.total_tqdm.clear()
+        return p, processing.process_images(p)
+
     def state_snapshot(self):
         """Every parameter and buffer of the model, cloned (for bit-identity checks)."""
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}

@@ -1,6 +1,6 @@
 """Stand-in of extensions-builtin/Lora/network.py (v1.10.1).
 
-NetworkOnDisk(name, filename) (:24-90): `metadata` (safetensors header), `alias` (ss_output_name), `hash`/`shorthash`,
+NetworkOnDisk(name, filename) (:24-90): `metadata` (safetensors header, JSON values parsed), `alias` (ss_output_name), `hash`/`shorthash`,
 `sd_version` from ss_base_model_version / ss_v2 (:61-69), `read_hash()`.
 Network(name, network_on_disk) (:93-106): `te_multiplier`, `unet_multiplier`, `dyn_dim`, `modules`.
 NetworkModule (:111-227): `sd_module`, `alpha`, `scale`, `bias`, `dora_scale`, `multiplier()` (:161, 'transformer' in
@@ -23,10 +23,19 @@ class SdVersion(enum.Enum):
 
 
 def read_metadata(filename):
+    """sd_models.read_metadata_from_safetensors (sd_models.py:284-309): values that look like JSON objects are parsed."""
     with open(filename, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(n))
-    return header.get("__metadata__", {})
+    res = {}
+    for k, v in header.get("__metadata__", {}).items():
+        res[k] = v
+        if isinstance(v, str) and v[0:1] == "{":
+            try:
+                res[k] = json.loads(v)
+            except Exception:
+                pass
+    return res
 
 
 class NetworkOnDisk:

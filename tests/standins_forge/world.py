@@ -59,10 +59,13 @@ def sd15_clip(seed=0):
 
 
 class Denoiser:
-    """The CFG denoiser's counters (modules/sd_samplers_cfg_denoiser.py:51-54)."""
+    """The CFG denoiser's counters (modules/sd_samplers_cfg_denoiser.py:47-54): `steps`/`total_steps` as
+    launch_sampling sets them (sd_samplers_common.py:274-276), `init_latent` as sample_img2img sets it
+    (sd_samplers_kdiffusion.py:178; None from noise) and `p` (initialize)."""
 
-    def __init__(self, total_steps):
+    def __init__(self, total_steps, steps=None, init_latent=None, p=None):
         self.step, self.total_steps = 0, total_steps
+        self.steps, self.init_latent, self.p = steps or total_steps, init_latent, p
 
 
 def make_p(unet, clip=None, steps=3):

@@ -4,8 +4,11 @@
 - `activate(p, data)`: the mentioned networks get their params, every other registered network gets [] (:126-150);
 - `deactivate(p, data)`: every registered network once (:153-172);
 - `parse_prompt`: every `<word:args>` is removed from the prompt and collected, args split at ':' (:175-191);
-  `parse_prompts` keeps the first prompt's networks for the whole batch (:194-206).
+  `parse_prompts` keeps the first prompt's networks for the whole batch (:194-206);
+- `get_user_metadata(filename)`: the JSON beside the file (`<basename>.json`), {} when there is none (:209-225).
 """
+import json
+import os
 import re
 from collections import defaultdict
 
@@ -97,3 +100,14 @@ def parse_prompts(prompts):
             first = data
         cleaned.append(text)
     return cleaned, first
+
+
+def get_user_metadata(filename, lister=None):
+    if filename is None:
+        return {}
+    metadata_filename = os.path.splitext(filename)[0] + ".json"
+    metadata = {}
+    if os.path.exists(metadata_filename):
+        with open(metadata_filename, "r", encoding="utf8") as file:
+            metadata = json.load(file)
+    return metadata

@@ -46,6 +46,7 @@ class CFGDenoiser(torch.nn.Module):
         super().__init__()
         self.sampler = sampler
         self.step = 0
+        self.init_latent = None
         self.steps = None
         self.total_steps = None
         self.p = None
@@ -122,12 +123,25 @@ class Sampler:
                                                                  unconditional_conditioning))
 
     def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None):
-        steps = steps or p.steps
-        t_enc = max(1, int(p.denoising_strength * steps))
+        """KDiffusionSampler.sample_img2img (sd_samplers_kdiffusion.py:134-174): the tail of a `steps`-long schedule."""
+        steps, t_enc = setup_img2img_steps(p, steps)
         sigmas = sigma_schedule(steps)[steps - t_enc - 1:]
         self.initialize(p)
+        self.model_wrap_cfg.init_latent = x
         return self.launch_sampling(t_enc + 1, lambda: self._run(p, x + noise * sigmas[0], sigmas, conditioning,
                                                                      unconditional_conditioning))
+
+
+def setup_img2img_steps(p, steps=None):
+    """sd_samplers_common.py:22-31."""
+    if opts.img2img_fix_steps or steps is not None:
+        requested_steps = (steps or p.steps)
+        steps = int(requested_steps / min(p.denoising_strength, 0.999)) if p.denoising_strength > 0 else 0
+        t_enc = requested_steps - 1
+    else:
+        steps = p.steps
+        t_enc = int(min(p.denoising_strength, 0.999) * steps)
+    return steps, t_enc
 
 
 def create_sampler(name, model):
@@ -248,6 +262,25 @@ class StableDiffusionProcessingTxt2Img:
                                               steps=self.hr_second_pass_steps or self.steps)
         self.is_hr_pass = False
         return samples
+
+
+class StableDiffusionProcessingImg2Img(StableDiffusionProcessingTxt2Img):
+    """processing.py:1557-1790 as far as sampling goes: init makes the sampler (:1602-1607), sample runs
+    process_before_every_sampling (:1767) and sample_img2img from the init latent, steps not given (:1774)."""
+
+    def __init__(self, init_latent=None, **kw):
+        super().__init__(**kw)
+        self.init_latent = init_latent
+
+    def init(self):
+        self.sampler = create_sampler(self.sampler_name, self.sd_model)
+
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        x = self.rng_noise(tuple(self.init_latent.shape[1:]))
+        if self.scripts is not None:
+            self.scripts.process_before_every_sampling(self, x=self.init_latent, noise=x, c=conditioning,
+                                                       uc=unconditional_conditioning)
+        return self.sampler.sample_img2img(self, self.init_latent, x, conditioning, unconditional_conditioning)
 
 
 def quote(text):

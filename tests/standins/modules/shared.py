@@ -3,7 +3,8 @@ shared_state.py:10-115, shared_total_tqdm.py)."""
 from types import SimpleNamespace
 
 # options the generation path reads (shared_options.py): batch_cond_uncond :222, persistent_cond_cache :227,
-# lora_functional (extensions-builtin/Lora/scripts/lora_script.py:49), multiple_tqdm (shared_total_tqdm.py:21)
+# lora_functional (extensions-builtin/Lora/scripts/lora_script.py:49), multiple_tqdm (shared_total_tqdm.py:21),
+# img2img_fix_steps :220
 class OptionInfo:
     """options.OptionInfo (options.py:13-30): a setting's default, label and section."""
 
@@ -27,7 +28,7 @@ class Options(SimpleNamespace):
 
 
 opts = Options(batch_cond_uncond=True, persistent_cond_cache=True, lora_functional=False,
-               lora_add_hashes_to_infotext=True, multiple_tqdm=True)
+               lora_add_hashes_to_infotext=True, multiple_tqdm=True, img2img_fix_steps=False)
 
 
 class State:
