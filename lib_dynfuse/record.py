@@ -48,7 +48,7 @@ class SelectionRecord:
         return counts
 
     def _count_rows(self, step: int, layer: int, labels: Sequence[str]) -> None:
-        uncond = sum(1 for lab in labels if lab == "uncond")
+        uncond = labels.count("uncond")
         counts = self._host_counts(self._rows, step)[layer]
         counts[0] += len(labels) - uncond
         counts[1] += uncond

@@ -107,6 +107,7 @@ class FuseSession:
         self._log_ratio = blend.balance_log_ratio(self.balance)
         self.windows = {"subject": check_window("subject_window", subject_window),
                         "style": check_window("style_window", style_window)}
+        self._full_windows = all(w == FULL_WINDOW for w in self.windows.values())
         self.weight_space, self.backup_device = bool(weight_space), backup_device
         self._baked = None
         self.rewritten_layers: List[str] = []
@@ -298,9 +299,11 @@ class FuseSession:
     def _active(self, target: FuseTarget) -> Tuple[bool, bool]:
         """Whether the target's subject and style act at this step: a UNet layer's LoRA within its window, a text
         encoder's always (the prompt is encoded before the first step)."""
-        def on(delta, branch: str) -> bool:
-            return delta is not None and (target.group == "te" or in_window(self.windows[branch], self.progress))
-        return on(target.subject, "subject"), on(target.style, "style")
+        has_c, has_s = target.subject is not None, target.style is not None
+        if target.group == "te" or self._full_windows:
+            return has_c, has_s
+        p = self.progress
+        return has_c and in_window(self.windows["subject"], p), has_s and in_window(self.windows["style"], p)
 
     def _record_all(self, index: int, subject: bool, labels: Sequence[str]) -> None:
         """Record one choice for every row of a recorded layer (K-LoRA's pick, a step window's one LoRA)."""
@@ -405,18 +408,28 @@ class FuseSession:
         f_both = branch_outputs(y, deltas)
         if self.method == "blend":
             return self._blend(index, target, y, deltas, f_both)
-        with torch.no_grad():   # the choice is a constant; under guidance, gradients flow through the kept branch
-            scores = branch_scores(self.criterion, y, f_both, channel_dim(target.subject))
-            partners = self._partner_rows(y.shape[0], y.device) if self.tie_rows else None
-            if partners is not None:   # an image's cond and uncond rows: one choice from their summed scores
-                scores = scores + scores.index_select(1, partners)
-            choose = choose_subject(*scores.unbind(0))
+        if torch.is_grad_enabled():   # guidance: the choice is a constant, gradients flow through the kept branch
+            with torch.no_grad():
+                choose = self._choose(target, y, f_both)
+        else:
+            choose = self._choose(target, y, f_both)
         if record is not None:
             record.add_rows(self._step, slot, choose, self._row_labels(y.shape[0]))
         out = kept_branch(choose, f_both)
         out = out if out.dtype == y.dtype else out.to(y.dtype)
-        layout = branches.layout_of(y)
-        return out if layout is None or out.is_contiguous(memory_format=layout) else out.contiguous(memory_format=layout)
+        if y.dim() == 4:   # a conv output in channels_last keeps its layout (the next layers round by it)
+            layout = branches.layout_of(y)
+            if layout is not None and not out.is_contiguous(memory_format=layout):
+                out = out.contiguous(memory_format=layout)
+        return out
+
+    def _choose(self, target: FuseTarget, y: torch.Tensor, f_both: torch.Tensor) -> torch.Tensor:
+        """Per row [B, 1, ...]: keep the subject (Eq. 13), from one row or an image's tied cond/uncond rows."""
+        scores = branch_scores(self.criterion, y, f_both, channel_dim(target.subject))
+        partners = self._partner_rows(y.shape[0], y.device) if self.tie_rows else None
+        if partners is not None:   # an image's cond and uncond rows: one choice from their summed scores
+            scores = scores + scores.index_select(1, partners)
+        return choose_subject(*scores.unbind(0))
 
     def _blend(self, index: int, target: FuseTarget, y, deltas, f_both) -> torch.Tensor:
         """`blend`: both deltas weighted by their KL divergences (blend.py), per row or per token."""
