@@ -90,16 +90,14 @@ class ForgeLora:
 
 
 def forge_lora() -> ForgeLora:
-    """Bind Forge's parser (backend/patcher/lora.py:19-48, :84) and its cached state-dict reader."""
+    """Bind Forge's parser (backend/patcher/lora.py:19-48, :84) and its state-dict reader. Not the builtin's
+    `load_lora_state_dict`: its lru_cache is keyed by the file name (sd_forge_lora/networks.py:56-58) and would
+    serve a replaced file's old tensors; ForgeHost caches by file identity instead (common.FileCache)."""
     from backend.patcher import lora as forge_lora_module
-    try:
-        import networks  # the builtin sd_forge_lora's module: shares its lru_cache (networks.py:56-58)
-        load_sd = networks.load_lora_state_dict
-    except (ImportError, AttributeError):
-        from backend.utils import load_torch_file
+    from backend.utils import load_torch_file
 
-        def load_sd(filename):
-            return load_torch_file(filename, safe_load=True)
+    def load_sd(filename):
+        return load_torch_file(filename, safe_load=True)
     return ForgeLora(load_lora=forge_lora_module.load_lora, keys_unet=forge_lora_module.model_lora_keys_unet,
                      keys_clip=forge_lora_module.model_lora_keys_clip,
                      merge=forge_lora_module.merge_lora_to_weight, load_state_dict=load_sd)
@@ -149,23 +147,23 @@ def _depends_on_weight(value) -> bool:
     return True
 
 
-def _weight_for_dense(module: torch.nn.Module, model_key: str) -> torch.Tensor:
+def _weight_for_dense(module: torch.nn.Module, model_key: str, lora: str = "") -> torch.Tensor:
     weight = getattr(module, "weight", None)
     if weight is None or getattr(weight, "bnb_quantized", False) or getattr(weight, "gguf_cls", None) is not None:
-        raise FuseInputError(f"DynFuse: {model_key} is stored quantized (NF4/FP4/GGUF); only plain LoRA "
-                        "(lora_up/lora_down) works there, not LoHa/LoKr/DoRA/GLoRA/full diffs")
+        raise FuseInputError(f"DynFuse: LoRA {lora!r} changes {model_key}, which is stored quantized (NF4/FP4/GGUF); "
+                             "only plain LoRA (lora_up/lora_down) works there, not LoHa/LoKr/DoRA/GLoRA/full diffs")
     return weight
 
 
 def dense_delta(entries: Sequence[Tuple[Any, Any, Any]], module: torch.nn.Module, model_key: str,
-                merge: Callable, strength: float) -> LayerDelta:
+                merge: Callable, strength: float, lora: str = "") -> LayerDelta:
     """dW of one layer for non-low-rank patches (LoHa, LoKr, GLoRA, DoRA, diff, set, re-ordered outputs).
 
     Built once per generation with Forge's own `merge_lora_to_weight` on a normal (non-inference) copy:
     on zeros when dW does not depend on W (exact), else merged(W) - W (DoRA/GLoRA/set depend on W).
     `entries` are (value, offset, function) of one model key.
     """
-    weight = _weight_for_dense(module, model_key)
+    weight = _weight_for_dense(module, model_key, lora)
     needs_base = any(_depends_on_weight(value) for value, _, _ in entries)
     patches = [[strength, value, 1.0, offset, function] for value, offset, function in entries]
     with torch.inference_mode(False), torch.no_grad():
@@ -178,9 +176,10 @@ def dense_delta(entries: Sequence[Tuple[Any, Any, Any]], module: torch.nn.Module
     return LayerDelta(dense=dw.to(weight.dtype if weight.dtype.is_floating_point else torch.float32))
 
 
-def layer_deltas(patch_dict: Dict[Any, Any], root: torch.nn.Module, merge: Callable, strength: float
-                 ) -> Tuple[Dict[str, LayerDelta], List[str]]:
-    """Forge patch dict -> {module path under root: LayerDelta}, plus the patch keys that are skipped and why.
+def layer_deltas(patch_dict: Dict[Any, Any], root: torch.nn.Module, merge: Callable, strength: float,
+                 lora: str = "") -> Tuple[Dict[str, LayerDelta], List[str]]:
+    """Forge patch dict -> {module path under root: LayerDelta}, plus the patch keys that are skipped and why;
+    `lora` (the LoRA's name) goes into the messages.
 
     All patches of one model key (FLUX: q, k, v, mlp slices of one fused layer) become one delta.
     """
@@ -205,10 +204,10 @@ def layer_deltas(patch_dict: Dict[Any, Any], root: torch.nn.Module, merge: Calla
         if all(d is not None for d in low):
             out_channels = _out_channels(module, low)
             for d in low:
-                _check_fits(d, module, out_channels, model_key)
+                _check_fits(d, module, out_channels, model_key, lora)
             deltas[path] = join_slices(low, out_channels)
         else:
-            deltas[path] = dense_delta(entries, module, model_key, merge, strength)
+            deltas[path] = dense_delta(entries, module, model_key, merge, strength, lora)
     return deltas, skipped
 
 
@@ -225,15 +224,15 @@ def _out_channels(module: torch.nn.Module, deltas: Sequence[LayerDelta]) -> int:
     return max(int(d.up.shape[0]) if d.out_slice is None else sum(d.out_slice) for d in deltas)
 
 
-def _check_fits(delta: LayerDelta, module: torch.nn.Module, out_channels: int, model_key: str) -> None:
+def _check_fits(delta: LayerDelta, module: torch.nn.Module, out_channels: int, model_key: str, lora: str = "") -> None:
     size = delta.out_slice[1] if delta.out_slice is not None else out_channels
     if int(delta.up.shape[0]) != size:
-        raise FuseInputError(f"DynFuse: the LoRA's {model_key} has {delta.up.shape[0]} outputs, the layer {size}: "
-                        "the LoRA was made for another model")
+        raise FuseInputError(f"DynFuse: LoRA {lora!r} does not fit the loaded model: its {model_key} has "
+                             f"{delta.up.shape[0]} outputs, the layer {size}; is it for another base model?")
     in_features = getattr(module, "in_features", getattr(module, "in_channels", None))
     if in_features is not None and int(delta.down.shape[1]) != int(in_features):
-        raise FuseInputError(f"DynFuse: the LoRA's {model_key} takes {delta.down.shape[1]} inputs, the layer "
-                        f"{in_features}: the LoRA was made for another model")
+        raise FuseInputError(f"DynFuse: LoRA {lora!r} does not fit the loaded model: its {model_key} takes "
+                             f"{delta.down.shape[1]} inputs, the layer {in_features}; is it for another base model?")
 
 
 def parse_lora(api: ForgeLora, name: str, lora_sd: Dict[str, torch.Tensor], unet_model: torch.nn.Module,
@@ -248,10 +247,10 @@ def parse_lora(api: ForgeLora, name: str, lora_sd: Dict[str, torch.Tensor], unet
     te_patches: Dict[Any, Any] = {}
     if clip_model is not None:
         te_patches, rest = api.load_lora(rest, api.keys_clip(clip_model, {}))
-    unet, skipped = layer_deltas(unet_patches, unet_model, api.merge, 1.0)
+    unet, skipped = layer_deltas(unet_patches, unet_model, api.merge, 1.0, name)
     te: Dict[str, LayerDelta] = {}
     if clip_model is not None:
-        te, skipped_te = layer_deltas(te_patches, clip_model, api.merge, 1.0)
+        te, skipped_te = layer_deltas(te_patches, clip_model, api.merge, 1.0, name)
         skipped += skipped_te
     unmatched = sorted(k for k in rest if not k.endswith(".alpha"))
     if not unet and not te:
@@ -362,11 +361,12 @@ def add_constant_patches(objects: Any, group: str, targets: Sequence[Any], args:
 
 
 def patch_identities(run: "common.FuseRun") -> Tuple[str, str]:
-    """Names of the subject and style patch sets: what the deltas are made of (see add_constant_patches)."""
+    """Names of the subject and style patch sets: what the deltas are made of, the files by hash and identity
+    on disk (a replaced file makes new names, see add_constant_patches)."""
     a = run.args
     which = "all layers" if a.method == "merge" else "one-LoRA layers"
     which += f", te {a.text_encoder}"
-    return tuple(f"DynFuse {role} {name} {run.hashes.get(role, '')} x{weight} ({which})"
+    return tuple(f"DynFuse {role} {name} {run.identities.get(role, '')} x{weight} ({which})"
                  for role, name, weight in (("subject", a.subject, a.subject_weight), ("style", a.style, a.style_weight)))
 
 
@@ -485,6 +485,7 @@ class ForgeHost(common.WebUIHost):
 
     def __init__(self, api: Optional[ForgeLora] = None):
         self._api = api
+        self.files = common.FileCache(4)   # the fused LoRAs' state dicts, by file identity
 
     @property
     def api(self) -> ForgeLora:
@@ -501,16 +502,34 @@ class ForgeHost(common.WebUIHost):
         from modules import shared
         return model_family(shared.sd_model)
 
+    def model_roots(self) -> List[torch.nn.Module]:
+        """The torch modules of the loaded model (UNet, text encoders, VAE; shared by every patcher clone)."""
+        from modules import shared
+        objects = getattr(shared.sd_model, "forge_objects", None)
+        found = [getattr(getattr(objects, holder, None), attr, None)
+                 for holder, attr in (("unet", "model"), ("clip", "cond_stage_model"), ("vae", "first_stage_model"))]
+        return [m for m in found if isinstance(m, torch.nn.Module)]
+
+    def state_counts(self) -> Dict[str, int]:
+        """DynFuse's patch sets and UNet wrappers on the current patchers (the last job's, replaced by the next
+        job's copy, processing.py:937) and on the ones Forge keeps between jobs (which must hold none)."""
+        from modules import shared
+        model = shared.sd_model
+        current = getattr(model, "forge_objects", None)
+        kept = [getattr(model, a, None) for a in ("forge_objects_original", "forge_objects_after_applying_lora")]
+        return {"patch_sets": our_patch_sets(current), "unet_wrappers": our_wrappers(current),
+                "patch_sets_kept": sum(our_patch_sets(o) + our_wrappers(o) for o in kept)}
+
     def read_lora(self, name: str) -> HostLora:
         from modules import shared
-        on_disk = self._hashed_on_disk(name)
+        on_disk, identity = self._hashed_on_disk(name)
         try:
             # Forge's loader renames a file it fails to read to `<file>.corrupted` (modules_forge/patch_basic.py:27-57),
             # so a broken LoRA is refused here first, by a header read that Forge does not wrap.
             check_lora_file(on_disk.filename)
-            lora_sd = self.api.load_state_dict(on_disk.filename)
+            lora_sd = self.files.get(on_disk.filename, self.api.load_state_dict)
         except Exception as e:  # unreadable, pickled, truncated: say which file
-            raise FuseInputError(f"DynFuse: cannot read LoRA file {on_disk.filename!r}: {e}") from e
+            raise FuseInputError(f"DynFuse: cannot read the file of LoRA {name!r} ({on_disk.filename}): {e}") from e
         objects = shared.sd_model.forge_objects
         clip = getattr(objects, "clip", None)
         out = parse_lora(self.api, on_disk.name, lora_sd, objects.unet.model, getattr(clip, "cond_stage_model", None))
@@ -520,7 +539,8 @@ class ForgeHost(common.WebUIHost):
             if layer.group == "unet":   # once here, not per UNet call (the session's casts live one scope)
                 layer.delta = on_device(layer.delta, device, dtype)
         out.shorthash = getattr(on_disk, "shorthash", "") or ""
-        out.base = _LORA_BASES.get(getattr(getattr(on_disk, "sd_version", None), "name", "Unknown"), "unknown")
+        out.base = common.LORA_BASES.get(getattr(getattr(on_disk, "sd_version", None), "name", "Unknown"), "unknown")
+        out.identity = identity
         return out
 
     # ------------------------------------------------------------------ the builtin's own <lora:...>
@@ -608,8 +628,6 @@ class ForgeHost(common.WebUIHost):
 
 
 _COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
-# Forge's network.SdVersion names (sd_forge_lora/network.py:9-15) -> model families
-_LORA_BASES = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl", "Flux": "flux"}
 
 
 def model_family(sd_model: Any) -> str:
@@ -618,6 +636,27 @@ def model_family(sd_model: Any) -> str:
         if getattr(sd_model, attr, False):
             return base
     return "flux" if is_flux(sd_model) else "unknown"
+
+
+def our_patch_sets(objects: Any) -> int:
+    """DynFuse's patch sets (named by `patch_identities`) on a ForgeObjects' UNet and CLIP patchers."""
+    clip = getattr(objects, "clip", None)
+    count = 0
+    for patcher in (getattr(objects, "unet", None), getattr(clip, "patcher", None)):
+        for key in getattr(patcher, "lora_patches", None) or {}:
+            name = key[0] if isinstance(key, tuple) else key
+            count += isinstance(name, str) and name.startswith("DynFuse ")
+    return count
+
+
+def our_wrappers(objects: Any) -> int:
+    """DynFuse's model-function wrappers (fusion, guidance redirect) chained on a ForgeObjects' UNet patcher."""
+    options = getattr(getattr(objects, "unet", None), "model_options", None) or {}
+    wrapper, count = options.get("model_function_wrapper"), 0
+    while wrapper is not None and hasattr(wrapper, "dynfuse_previous"):
+        count += 1
+        wrapper = wrapper.dynfuse_previous
+    return count
 
 
 def networks_module():

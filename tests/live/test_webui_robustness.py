@@ -128,11 +128,11 @@ def test_interrupt_or_skip_during_a_guided_job(action, plain, fused):
 
 @pytest.mark.parametrize("action", ["interrupt", "skip"])
 def test_interrupt_or_skip_during_a_reference_render(action, plain):
-    """A reference render cut short is never cached: the job says so and makes its image without guidance, and
-    the next job with those references renders them again."""
+    """A reference render cut short is never cached (the cache stores no render), the job says so and, when
+    skipped, makes its image without guidance; the next guided job renders and guides as usual."""
     seed = 4400 + (action == "skip")
-    fields = dict(GUIDED, reference_steps=150)
-    worker, done = in_background(request(fuse=named(**fields), seed=seed))
+    stored = diagnostics()["reference_cache"]["renders"]
+    worker, done = in_background(request(fuse=named(**dict(GUIDED, reference_steps=150)), seed=seed))
     assert wait_for(lambda s: s.get("sampling_steps") == 150 and s.get("sampling_step", 0) >= 2, worker), \
         "the reference render never reached step 2"
     ok("POST", f"/sdapi/v1/{action}")
@@ -144,9 +144,12 @@ def test_interrupt_or_skip_during_a_reference_render(action, plain):
         require_guidance(cut)
         assert "DynFuse guidance" not in cut.params, cut.params
         assert "interrupted" in cut.params.get(MESSAGE_KEY, ""), cut.params
+    assert diagnostics()["reference_cache"]["renders"] == stored, "a cut-short reference render was cached"
     assert_same(txt2img().image, plain.image, f"plain after {action}")
-    again = guided_txt2img(fuse=named(**dict(fields, reference_steps=2)), seed=seed)
-    assert again.params.get(REFERENCES_KEY) == "subject rendered, style rendered", again.params
+    again = guided_txt2img(fuse=named(**dict(GUIDED, reference_steps=2)), seed=seed)
+    require_guidance(again)
+    assert again.params.get(REFERENCES_KEY) == "subject rendered; style rendered", again.params
+    assert "DynFuse guidance" in again.params and MESSAGE_KEY not in again.params, again.params
 
 
 # ----------------------------------------------------------------------------- many jobs
@@ -154,7 +157,6 @@ def test_fifty_fused_jobs_in_a_row_leave_nothing_growing(plain):
     """Hooks, live runs and sessions, patch sets and the caches stay bounded over 50 fused jobs (guided ones with
     new references among them, more than the reference cache holds), and the server's memory does not trend up."""
     methods = ("dynamic", "klora", "merge")
-    first = diagnostics()
     sizes = []
     guided_any = False
     for i in range(50):
@@ -165,18 +167,18 @@ def test_fifty_fused_jobs_in_a_row_leave_nothing_growing(plain):
             r = txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE, method=methods[i % 3],
                                    heatmap=(i % 7 == 0)))
         assert INFOTEXT_KEY in r.params, f"job {i}: {r.params}"
-        if i >= 10:
+        if i >= 10 and i % 2:
             sizes.append(diagnostics()["rss_bytes"])
     last = diagnostics()
     assert last["hooks"] == 0 and last["sessions_open"] == 0, last
     assert last["runs_alive"] <= 1 and last["sessions_alive"] <= 2, last
-    assert last["patch_sets"] <= max(first["patch_sets"], 2), (first, last)
-    assert last["unet_wrappers"] <= 1, last
+    assert last["patch_sets"] <= 4 and last["unet_wrappers"] <= 2, last   # the last job's own (Forge)
+    assert last.get("patch_sets_kept", 0) == 0, last                      # none left in what Forge keeps
     for cache in ("reference_cache", "klora_cache", "lora_file_cache"):
         assert last[cache]["entries"] <= last[cache]["bound"], (cache, last)
     if guided_any:
         assert last["reference_cache"]["entries"] == last["reference_cache"]["bound"], last
-    early, late = np.median(sizes[:10]), np.median(sizes[-10:])
+    early, late = np.median(sizes[:5]), np.median(sizes[-5:])
     assert late - early < 64 * 2 ** 20, f"RSS grew by {(late - early) / 2 ** 20:.1f} MiB over 30 fused jobs"
     assert_same(txt2img().image, plain.image, "plain after 50 fused jobs")
 
@@ -206,7 +208,7 @@ def put(source: str, path: str) -> None:
     os.replace(tmp, path)
 
 
-@pytest.mark.parametrize("method", ["klora", "merge", "dynamic"])
+@pytest.mark.parametrize("method", ["klora", "merge"])
 def test_a_replaced_lora_file_is_read_again(swap_file, method):
     """The same name, another file (no refresh of the list): the second job uses the new file's weights."""
     fields = dict(enabled=True, style=STYLE, method=method)
@@ -272,11 +274,11 @@ def test_dino_weights_in_a_torch_pickle_get_a_clear_message():
 def test_the_infotext_says_where_the_references_came_from():
     first = guided_txt2img(fuse=named(**GUIDED), seed=int(time.time()) % 100000 + 10000)
     require_guidance(first)
-    assert first.params.get(REFERENCES_KEY) == "subject rendered, style rendered", first.params
+    assert first.params.get(REFERENCES_KEY) == "subject rendered; style rendered", first.params
     again = guided_txt2img(fuse=named(**GUIDED), seed=first.info["seed"])
-    assert again.params.get(REFERENCES_KEY) == "subject cached, style cached", again.params
+    assert again.params.get(REFERENCES_KEY) == "subject cached; style cached", again.params
     assert f"{REFERENCES_KEY}: subject cached" in again.info["infotexts"][0]
     assert_same(again.image, first.image)
     given = txt2img(fuse=named(**dict(GUIDED, subject_image=first.png_b64, style_image=first.png_b64)), seed=9)
-    assert given.params.get(REFERENCES_KEY) == "subject given, style given", given.params
+    assert given.params.get(REFERENCES_KEY) == "subject given; style given", given.params
 
