@@ -24,9 +24,11 @@ def env(tmp_path_factory):
                                 metadata=SD1)
     lora_files.write_kohya_lora(unet, store / "zero.safetensors", te_layers={"lora_te": te}, seed=1, zero=True,
                                 metadata=SD1)
-    for name in ("subj", "zero"):
+    lora_files.write_kohya_lora(unet, store / "sty.safetensors", te_layers={"lora_te": te}, seed=2, metadata=SD1)
+    lora_files.write_kohya_lora(unet, store / "sty2.safetensors", te_layers={"lora_te": te}, seed=3, alpha=4,
+                                metadata=SD1)
+    for name in ("subj", "zero", "sty", "sty2"):
         shutil.copyfile(store / f"{name}.safetensors", folder / f"{name}.safetensors")
-    lora_files.write_kohya_lora(unet, folder / "sty.safetensors", te_layers={"lora_te": te}, seed=2, metadata=SD1)
     xl = folder / "xlcut.safetensors"   # SDXL metadata, a header that parses, the tensors cut off
     lora_files.write_kohya_lora(models.tiny_sdxl_unet(0), xl, seed=4, metadata={"ss_base_model_version": "sdxl_base_v1-0"})
     xl.write_bytes(xl.read_bytes()[:-64])
@@ -42,8 +44,9 @@ def put(env, source, name):
     os.replace(tmp, env.folder / f"{name}.safetensors")
 
 
-def fused_run(env, subject, method="klora"):
-    return env.txt2img(env.ui_values(enabled=True, subject=subject, style="sty", method=method), prompt=PROMPT, steps=2)
+def fused_run(env, subject, method="klora", style="sty", **fields):
+    values = env.ui_values(enabled=True, subject=subject, style=style, method=method, **fields)
+    return env.txt2img(values, prompt=PROMPT, steps=2)
 
 
 @pytest.mark.parametrize("method", ["klora", "merge"])
@@ -60,7 +63,10 @@ def test_a_file_replaced_under_its_name_is_read_again(env, method):
     put(env, "zero", name)
     second, _ = fused_run(env, name, method)
     assert "DynFuse message" not in second.extra_generation_params
-    assert torch.equal(second.samples[0], want_zero.samples[0])
+    assert torch.equal(second.samples[0], want.samples[0])
+    sums = [getattr(p, "dynfuse_run")._last_unet.klora_sums for p in (first, second, want)]
+    assert not torch.equal(sums[0].abs_s, sums[2].abs_s)
+    assert torch.equal(sums[1].abs_s, sums[2].abs_s), "K-LoRA's sums of the old file were served from the cache"
     assert second.extra_generation_params["DynFuse"] != first.extra_generation_params["DynFuse"]
 
 
@@ -105,3 +111,25 @@ def test_info_route_diagnostics_count_what_outlives_a_job(env):
     for cache in ("reference_cache", "klora_cache", "lora_file_cache"):
         assert counts[cache]["entries"] <= counts[cache]["bound"]
     assert counts["klora_cache"]["entries"] >= 1 and counts["rss_bytes"] > 0
+
+
+def test_a_replaced_file_whose_hash_the_host_keeps_is_still_read_again(env, monkeypatch):
+    """A1111's hash cache answers the old hash for a file whose mtime is not newer (hashes.py:22-38, e.g. an
+    older file moved in place): the caches key on the file's identity too, so K-LoRA's sums are the new file's."""
+    import network
+    put(env, "sty", "stale")
+    env.networks.list_available_networks()
+    first, _ = fused_run(env, "subj", style="stale")
+    want, _ = fused_run(env, "subj", style="sty2")
+    old_hash, read_hash = env.networks.available_networks["stale"].hash, network.NetworkOnDisk.read_hash
+    monkeypatch.setattr(network.NetworkOnDisk, "read_hash",
+                        lambda self: self.set_hash(old_hash) if self.name == "stale" else read_hash(self))
+    put(env, "sty2", "stale")
+    past = os.stat(env.folder / "sty.safetensors").st_mtime - 3600
+    os.utime(env.folder / "stale.safetensors", (past, past))
+    second, _ = fused_run(env, "subj", style="stale")
+    assert second.extra_generation_params["DynFuse"] == first.extra_generation_params["DynFuse"]   # the host's hash
+    assert torch.equal(second.samples[0], want.samples[0])
+    sums = [getattr(p, "dynfuse_run")._last_unet.klora_sums for p in (first, second, want)]
+    assert not torch.equal(sums[0].abs_s, sums[2].abs_s)
+    assert torch.equal(sums[1].abs_s, sums[2].abs_s), "K-LoRA's sums of the old file were served from the cache"
