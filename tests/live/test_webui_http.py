@@ -9,6 +9,7 @@ requests use 64x64 images and 2 steps). LoRA names (files in the host's Lora fol
     DYNFUSE_LIVE_ZERO     dyn_zero      a LoRA whose weights are all zero (the same layers as the other two)
     DYNFUSE_LIVE_SDXL     dyn_sdxl      a LoRA for another base model (an SDXL LoRA when an SD1.5 checkpoint is loaded)
     DYNFUSE_LIVE_BROKEN   dyn_broken    a .safetensors file that does not parse
+    DYNFUSE_LIVE_LORA_DIR (none)        the host's Lora folder, writable (test_webui_robustness.py's file tests)
 
 The latent-refinement tests need guidance weights in the host (models/dynfuse: CLIP and DINO, any weights, random
 ones too); they skip when the host says its weights are missing. DYNFUSE_LIVE_CLIP_ARCH (e.g. ViT-B-32) sends
@@ -26,7 +27,7 @@ rank (W x + up(down(x))); both are exact maths but round differently, so `<dynlo
 side with the scale folded into the up weights (lib_dynfuse/branches.py), so these are compared within the same
 tolerance. Everything else here (extension off, repeated requests, plain images after fused ones) is compared
 bit-exactly.
-Only the standard library talks HTTP; the images are decoded with Pillow and NumPy (test requirements).
+HTTP and image helpers are in tests/live/webui.py; load, interrupt and file tests in test_webui_robustness.py.
 """
 from __future__ import annotations
 

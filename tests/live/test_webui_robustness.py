@@ -91,17 +91,32 @@ def test_eight_concurrent_jobs_keep_their_own_settings():
 
 
 # ----------------------------------------------------------------------------- interrupt and skip
-@pytest.mark.parametrize("action", ["interrupt", "skip"])
-def test_interrupt_or_skip_during_a_fused_job(action, plain, fused):
-    worker, done = in_background(request(fuse=named(enabled=True, subject=SUBJECT, style=STYLE), steps=150))
-    assert wait_for(lambda s: s.get("sampling_step", 0) >= 2, worker), "the long fused job never reached step 2"
+def cut_short(body: Dict[str, Any], action: str, reached, what: str) -> Dict[str, Any]:
+    """Send `body` from a thread, `action` (interrupt / skip) once the progress satisfies `reached`; the answer."""
+    worker, done = in_background(body)
+    assert wait_for(reached, worker), f"{what} never reached step 2"
     ok("POST", f"/sdapi/v1/{action}")
     worker.join(timeout=600)
     status, out = done["result"]
     assert status == 200, str(out)[:2000]
+    return out
+
+
+def assert_plain_and_fused_unchanged(plain: Result, fused: Result, action: str) -> None:
     assert_same(txt2img().image, plain.image, f"plain after {action}")
     assert_same(txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE)).image, fused.image,
                 f"fused after {action}")
+
+
+def main_step(steps: int):
+    return lambda s: s.get("sampling_steps") == steps and s.get("sampling_step", 0) >= 2
+
+
+@pytest.mark.parametrize("action", ["interrupt", "skip"])
+def test_interrupt_or_skip_during_a_fused_job(action, plain, fused):
+    cut_short(request(fuse=named(enabled=True, subject=SUBJECT, style=STYLE), steps=150), action, main_step(150),
+              "the long fused job")
+    assert_plain_and_fused_unchanged(plain, fused, action)
 
 
 @pytest.mark.parametrize("action", ["interrupt", "skip"])
@@ -111,17 +126,8 @@ def test_interrupt_or_skip_during_a_guided_job(action, plain, fused):
     seed = 4300 + (action == "skip")
     guided = guided_txt2img(fuse=named(**GUIDED), seed=seed)
     require_guidance(guided)
-    body = request(fuse=named(**GUIDED), seed=seed, steps=150)
-    worker, done = in_background(body)
-    assert wait_for(lambda s: s.get("sampling_steps") == 150 and s.get("sampling_step", 0) >= 2, worker), \
-        "the long guided job never reached step 2 of its main sampling"
-    ok("POST", f"/sdapi/v1/{action}")
-    worker.join(timeout=600)
-    status, out = done["result"]
-    assert status == 200, str(out)[:2000]
-    assert_same(txt2img().image, plain.image, f"plain after {action}")
-    assert_same(txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE)).image, fused.image,
-                f"fused after {action}")
+    cut_short(request(fuse=named(**GUIDED), seed=seed, steps=150), action, main_step(150), "the long guided job")
+    assert_plain_and_fused_unchanged(plain, fused, action)
     again = guided_txt2img(fuse=named(**GUIDED), seed=seed)
     assert_same(again.image, guided.image, f"guided after {action}")
 
@@ -132,13 +138,8 @@ def test_interrupt_or_skip_during_a_reference_render(action, plain):
     skipped, makes its image without guidance; the next guided job renders and guides as usual."""
     seed = 4400 + (action == "skip")
     stored = diagnostics()["reference_cache"]["renders"]
-    worker, done = in_background(request(fuse=named(**dict(GUIDED, reference_steps=150)), seed=seed))
-    assert wait_for(lambda s: s.get("sampling_steps") == 150 and s.get("sampling_step", 0) >= 2, worker), \
-        "the reference render never reached step 2"
-    ok("POST", f"/sdapi/v1/{action}")
-    worker.join(timeout=600)
-    status, out = done["result"]
-    assert status == 200, str(out)[:2000]
+    out = cut_short(request(fuse=named(**dict(GUIDED, reference_steps=150)), seed=seed), action, main_step(150),
+                    "the reference render")
     if action == "skip":   # the main image is still made, without guidance, and says why
         cut = result_of(out)
         require_guidance(cut)
