@@ -48,11 +48,12 @@ def resident_bytes() -> Optional[int]:
         return None
 
 
-def cache_count(cache: Any, entries: Any = None) -> Dict[str, int]:
+def cache_count(cache: Any) -> Dict[str, int]:
+    """Entries and bound of one of the LRU caches (FileCache.bound, ReferenceCache.max_entries, SumsCache.size)."""
     if cache is None:
         return {"entries": 0, "bound": 0}
     bound = getattr(cache, "bound", None) or getattr(cache, "max_entries", None) or getattr(cache, "size", 0)
-    return {"entries": len(cache) if entries is None else int(entries), "bound": int(bound)}
+    return {"entries": len(cache), "bound": int(bound)}
 
 
 def counts(host: Any) -> Dict[str, Any]:
@@ -69,19 +70,22 @@ def counts(host: Any) -> Dict[str, Any]:
             runs.append(obj)
         elif issubclass(kind, FuseSession):
             sessions.append(obj)
-    roots = getattr(host, "model_roots", lambda: [])()
     out: Dict[str, Any] = {
-        "hooks": hooks_on(roots),
+        "hooks": 0,
         "runs_alive": len(runs),
         "sessions_alive": len(sessions),
         "sessions_open": sum(1 for s in sessions if s.is_open),
         "patch_sets": 0,
         "unet_wrappers": 0,
         "reference_cache": dict(cache_count(REFERENCES), renders=REFERENCES.renders, hits=REFERENCES.hits),
-        "klora_cache": cache_count(SUMS_CACHE, len(SUMS_CACHE._items)),
+        "klora_cache": cache_count(SUMS_CACHE),
         "lora_file_cache": cache_count(getattr(host, "files", None)),
         "encoders_loaded": ENCODERS.loaded,
         "rss_bytes": resident_bytes(),
     }
-    out.update(getattr(host, "state_counts", lambda: {})())
+    try:   # the host's model may be unloaded or loading: the counts that need it are left out, with the reason
+        out["hooks"] = hooks_on(getattr(host, "model_roots", lambda: [])())
+        out.update(getattr(host, "state_counts", lambda: {})())
+    except Exception as e:
+        out["model_error"] = f"{type(e).__name__}: {e}"
     return out
