@@ -99,7 +99,7 @@ def test_info_route_diagnostics_count_what_outlives_a_job(env):
         def add_api_route(self, path, endpoint, methods=None, **kw):
             routes[path] = endpoint
     env.callbacks.app_started_callback(None, App())
-    fused_run(env, "subj", "dynamic")
+    fused_run(env, "subj", "klora")
     info = routes["/dynfuse/v1/info"]()
     assert "diagnostics" not in info
     counts = routes["/dynfuse/v1/info"](diagnostics=True)["diagnostics"]
