@@ -132,19 +132,18 @@ def test_interrupt_or_skip_during_a_guided_job(action, plain, fused):
     assert_same(again.image, guided.image, f"guided after {action}")
 
 
-@pytest.mark.parametrize("action", ["interrupt", "skip"])
-def test_interrupt_or_skip_during_a_reference_render(action, plain):
-    """A reference render cut short is never cached (the cache stores no render), the job says so and, when
-    skipped, makes its image without guidance; the next guided job renders and guides as usual."""
-    seed = 4400 + (action == "skip")
+def test_skip_during_a_reference_render(plain):
+    """A reference render cut short is never cached (the cache stores no render); the job says so and makes its
+    image without guidance; the next guided job renders and guides as usual. (Interrupt stops the whole job: the
+    stand-in tests cover its reference render.)"""
+    action, seed = "skip", 4401
     stored = diagnostics()["reference_cache"]["renders"]
     out = cut_short(request(fuse=named(**dict(GUIDED, reference_steps=150)), seed=seed), action, main_step(150),
                     "the reference render")
-    if action == "skip":   # the main image is still made, without guidance, and says why
-        cut = result_of(out)
-        require_guidance(cut)
-        assert "DynFuse guidance" not in cut.params, cut.params
-        assert "interrupted" in cut.params.get(MESSAGE_KEY, ""), cut.params
+    cut = result_of(out)     # the main image is still made, without guidance, and says why
+    require_guidance(cut)
+    assert "DynFuse guidance" not in cut.params, cut.params
+    assert "interrupted" in cut.params.get(MESSAGE_KEY, ""), cut.params
     assert diagnostics()["reference_cache"]["renders"] == stored, "a cut-short reference render was cached"
     assert_same(txt2img().image, plain.image, f"plain after {action}")
     again = guided_txt2img(fuse=named(**dict(GUIDED, reference_steps=2)), seed=seed)
@@ -155,20 +154,20 @@ def test_interrupt_or_skip_during_a_reference_render(action, plain):
 
 # ----------------------------------------------------------------------------- many jobs
 def test_fifty_fused_jobs_in_a_row_leave_nothing_growing(plain):
-    """Hooks, live runs and sessions, patch sets and the caches stay bounded over 50 fused jobs (guided ones with
-    new references among them, more than the reference cache holds), and the server's memory does not trend up."""
+    """Hooks, live runs and sessions, patch sets and the caches stay bounded over 50 fused jobs (5 guided ones with
+    10 new references among them, more than the reference cache holds), and the server's memory does not trend up."""
     methods = ("dynamic", "klora", "merge")
     sizes = []
     guided_any = False
     for i in range(50):
-        if i % 5 == 4:
+        if i % 10 == 9:
             r = guided_txt2img(fuse=named(**GUIDED), seed=5000 + i)
             guided_any = guided_any or "guidance is off" not in r.params.get(MESSAGE_KEY, "")
         else:
             r = txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE, method=methods[i % 3],
                                    heatmap=(i % 7 == 0)))
         assert INFOTEXT_KEY in r.params, f"job {i}: {r.params}"
-        if i >= 10 and i % 2:
+        if i >= 10 and i % 4 == 3:
             sizes.append(diagnostics()["rss_bytes"])
     last = diagnostics()
     assert last["hooks"] == 0 and last["sessions_open"] == 0, last
@@ -179,8 +178,8 @@ def test_fifty_fused_jobs_in_a_row_leave_nothing_growing(plain):
         assert last[cache]["entries"] <= last[cache]["bound"], (cache, last)
     if guided_any:
         assert last["reference_cache"]["entries"] == last["reference_cache"]["bound"], last
-    early, late = np.median(sizes[:5]), np.median(sizes[-5:])
-    assert late - early < 64 * 2 ** 20, f"RSS grew by {(late - early) / 2 ** 20:.1f} MiB over 30 fused jobs"
+    early, late = np.median(sizes[:3]), np.median(sizes[-3:])
+    assert late - early < 64 * 2 ** 20, f"RSS grew by {(late - early) / 2 ** 20:.1f} MiB from jobs 11-19 to jobs 39-47"
     assert_same(txt2img().image, plain.image, "plain after 50 fused jobs")
 
 
