@@ -70,6 +70,9 @@ class SumsCache:
         self.size = size
         self._items: "OrderedDict[Hashable, KLoraSums]" = OrderedDict()
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def get(self, key: Optional[Hashable], targets: Sequence[FuseTarget]) -> KLoraSums:
         if key is None:
             return layer_sums(targets)

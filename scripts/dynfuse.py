@@ -13,6 +13,7 @@ if _ROOT not in sys.path:
 
 from lib_dynfuse import __version__  # noqa: E402
 from lib_dynfuse.hosts import adapter, common, ui as dynfuse_ui  # noqa: E402
+from lib_dynfuse.hosts.diagnostics import counts as diagnostic_counts  # noqa: E402
 from lib_dynfuse.hosts import guidance_run  # noqa: E402  (latent refinement, issue 4)
 from lib_dynfuse.hosts import score_run  # noqa: E402  (CLIP score, Style Sim, DINO score)
 
@@ -79,8 +80,16 @@ def _score_route(body: dict):
     return JSONResponse(payload, status_code=status)
 
 
+def _info_route(diagnostics: bool = False):
+    """GET /dynfuse/v1/info[?diagnostics=true]: version, fields, LoRAs; with the counts of what outlives a job."""
+    body = common.info(HOST, __version__)
+    if diagnostics:
+        body["diagnostics"] = diagnostic_counts(HOST)
+    return body
+
+
 def _add_routes(demo, app):
-    app.add_api_route("/dynfuse/v1/info", lambda: common.info(HOST, __version__), methods=["GET"])
+    app.add_api_route("/dynfuse/v1/info", _info_route, methods=["GET"])
     app.add_api_route("/dynfuse/v1/score", _score_route, methods=["POST"])
 
 

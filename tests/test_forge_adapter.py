@@ -170,8 +170,8 @@ def test_wrong_shapes_are_refused(fh):
     unet = fh.world.sd15_unet_patcher()
     path = "diffusion_model.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
     bad = ("lora", (torch.randn(7, 2), torch.randn(2, 32), None, None, None))
-    with pytest.raises(common.FuseInputError, match="another model"):
-        forge.layer_deltas({path + ".weight": bad}, unet.model, fh.api.merge, 1.0)
+    with pytest.raises(common.FuseInputError, match="LoRA 'x' does not fit the loaded model: .* has 7 outputs"):
+        forge.layer_deltas({path + ".weight": bad}, unet.model, fh.api.merge, 1.0, "x")
 
 
 # ---------------------------------------------------------------------------- the per-call UNet wrapper
@@ -450,14 +450,15 @@ def test_patch_sets_take_forges_online_mode_as_lora_tags_do(fh, sd15_files):
 
 def test_patch_set_names_change_with_what_the_deltas_are_made_of():
     """Forge re-merges only when the names of the patch sets change (LoraLoader.refresh): every input of the
-    deltas is in the name (LoRA, its hash, weight, and which layers the method leaves to Forge)."""
-    def names(**kw):
+    deltas is in the name (LoRA, its file's hash and identity, weight, and which layers the method leaves to Forge)."""
+    def names(identities=("h1@1-2-3", "h2@4-5-6"), **kw):
         run = common.FuseRun(None, ui_args=FuseArgs(enabled=True, **dict(dict(subject="a", style="b"), **kw)))
-        run.hashes = {"subject": "h1", "style": "h2"}
+        run.identities = dict(zip(("subject", "style"), identities))
         return forge.patch_identities(run)
     base = names()
-    assert base[0] != base[1] and "h1" in base[0] and "h2" in base[1]
-    for changed in (names(subject="c"), names(style_weight=0.5), names(subject_weight=0.8), names(method="merge")):
+    assert base[0] != base[1] and "h1@1-2-3" in base[0] and "h2@4-5-6" in base[1]
+    for changed in (names(subject="c"), names(style_weight=0.5), names(subject_weight=0.8), names(method="merge"),
+                    names(identities=("h1@1-2-9", "h2@4-5-6"))):   # the same name and hash, the file replaced
         assert changed != base
     assert names(method="klora") == base and names(criterion="js") == base   # same one-LoRA layers, same deltas
 

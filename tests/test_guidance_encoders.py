@@ -330,3 +330,32 @@ def test_importing_guidance_stays_light():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_encoder_store_names_every_missing_encoder_at_once(tmp_path):
+    """No CLIP and no DINO weights: one message names both, so fixing the first does not reveal the second."""
+    from lib_dynfuse.guidance import EncoderStore
+    models_dir = str(tmp_path / "models" / "dynfuse")
+    with pytest.raises(GuidanceUnavailable) as e:
+        EncoderStore().get("RN50", dino_kind="dinov2-base", search_dirs=[models_dir], hub_cache=str(tmp_path / "hub"))
+    msg = str(e.value)
+    assert msg.startswith("DynFuse guidance is off: no CLIP RN50") and "and no DINO dinov2-base" in msg
+    assert os.path.join(models_dir, "RN50.safetensors") in msg and os.path.join(models_dir, "dinov2-base") in msg
+    save_dino_folder(str(tmp_path / "models" / "dynfuse" / "dino-vits16"), seed=11)
+    with pytest.raises(GuidanceUnavailable) as e:                 # only CLIP missing: only CLIP named
+        EncoderStore().get("RN50", search_dirs=[models_dir], hub_cache=str(tmp_path / "hub"))
+    assert "RN50" in str(e.value) and "DINO" not in str(e.value)
+
+
+def test_a_file_the_webui_refuses_to_unpickle_is_named_with_the_way_out(tmp_path, monkeypatch):
+    """AUTOMATIC1111's torch.load (modules/safe.py:181-194) answers None for a file its safe unpickler refuses,
+    e.g. a .bin of plain tensors saved by a recent torch: the message says so and suggests .safetensors."""
+    from lib_dynfuse.guidance.weights import load_state_dict_file
+    path = str(tmp_path / "pytorch_model.bin")
+    torch.save(tiny_dino_model(seed=1).state_dict(), path)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: None)
+    with pytest.raises(GuidanceUnavailable) as e:
+        load_dino_encoder(weights=path, config=TINY_DINO_CFG)
+    msg = str(e.value)
+    assert f"the WebUI refused to load {path}" in msg and ".safetensors" in msg
+    assert "does not hold a state dict" not in msg

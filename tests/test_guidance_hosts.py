@@ -98,6 +98,9 @@ def test_references_render_once_per_key_and_guidance_changes_the_image(env):
     assert not torch.equal(p1.samples[0], plain.samples[0])
     p2, res2 = generate(env, guidance=True)            # same settings: nothing rendered again
     assert cache.renders - before == 2 and guided(p2).rendered == []
+    assert p1.extra_generation_params["DynFuse references"] == "subject rendered; style rendered"
+    assert p2.extra_generation_params["DynFuse references"] == "subject cached; style cached"
+    assert "DynFuse references: subject cached; style cached" in res2.infotexts[0]
     assert torch.equal(p1.samples[0], p2.samples[0]) and images_equal(res1.images, res2.images)
     p3, _ = generate(env, guidance=True, seed=8)       # another seed: two new renders
     assert cache.renders - before == 4 and guided(p3).rendered == ["subject", "style"]
@@ -161,6 +164,7 @@ def test_given_images_replace_the_renders(env):
     p, _ = generate(env, steps=2, guidance=True, subject_image=subj64, style_image=sty64)
     g = guided(p)
     assert guidance_run.REFERENCES.renders == before and g.rendered == []
+    assert p.extra_generation_params["DynFuse references"] == "subject given; style given"
     assert np.array_equal(np.asarray(g.images["subject"]), subj) and np.array_equal(np.asarray(g.images["style"]), sty)
     assert len(g.log) == 2
 

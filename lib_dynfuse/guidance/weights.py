@@ -60,6 +60,12 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     except Exception as e:  # corrupt file, TorchScript archive or pickle with code: all refused the same way
         raise GuidanceUnavailable(f"DynFuse guidance: cannot read {path} as plain tensors ({type(e).__name__}: {e}). "
                                   "Use a .safetensors file (or a .bin/.pth holding only tensors).") from e
+    if data is None and not path.endswith(".safetensors"):
+        # AUTOMATIC1111 replaces torch.load with its safe unpickler (modules/safe.py:181-194), which answers None
+        # for a file it refuses, e.g. any .bin a recent torch saves (zip entries it does not list, safe.py:67-74)
+        raise GuidanceUnavailable(f"DynFuse guidance: the WebUI refused to load {path} (its safe unpickler rejected "
+                                  "the file; the console says why). Save these weights as .safetensors "
+                                  "(safetensors.torch.save_file) and use that file instead.")
     for wrapper in ("state_dict", "model"):
         if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
             data = data[wrapper]
@@ -73,3 +79,11 @@ def missing_weights_message(what: str, places: Sequence[str]) -> str:
     lines = [f"DynFuse guidance is off: no {what} weights found (nothing is downloaded). Put one of these in place:"]
     lines += [f"  - {p}" for p in places]
     return "\n".join(lines)
+
+
+def joined(problems: Sequence[GuidanceUnavailable]) -> GuidanceUnavailable:
+    """One GuidanceUnavailable for several encoders, each named, so one run tells the user everything missing."""
+    if len(problems) == 1:
+        return problems[0]
+    return GuidanceUnavailable("\n".join(str(p) if i == 0 else "and " + str(p).replace("DynFuse guidance is off: ", "")
+                                         .replace("DynFuse guidance: ", "", 1) for i, p in enumerate(problems)))

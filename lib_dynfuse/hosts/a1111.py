@@ -36,7 +36,6 @@ from .common import FuseInputError, HostLora, LoraLayer
 
 
 RUN_ATTR = common.RUN_ATTR
-_BASES = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl"}
 
 
 def networks_module():
@@ -139,12 +138,18 @@ class A1111Host(common.WebUIHost):
                 return base
         return "unknown"
 
+    def model_roots(self) -> List[torch.nn.Module]:
+        """The loaded model (UNet, text encoders, VAE under one LatentDiffusion) for the diagnostics' hook count."""
+        from modules import shared
+        model = shared.sd_model
+        return [model] if isinstance(model, torch.nn.Module) else []
+
     def read_lora(self, name: str) -> HostLora:
         nets = networks_module()
-        on_disk = self._hashed_on_disk(name)
+        on_disk, identity = self._hashed_on_disk(name)
         version = getattr(getattr(on_disk, "sd_version", None), "name", "Unknown")
         out = HostLora(name=on_disk.name, shorthash=getattr(on_disk, "shorthash", "") or "",
-                       base=_BASES.get(version, "unknown"))
+                       base=common.LORA_BASES.get(version, "unknown"), identity=identity)
         net = nets.load_network(on_disk.name, on_disk)
         from modules import shared
         layer_mapping = getattr(shared.sd_model, "network_layer_mapping", {}) or {}

@@ -3,12 +3,11 @@ LayerDeltas; Forge's own weight merge for constant deltas, hooks per UNet call f
 
 Forge merges every LoRA into the weights; its `backend.operations.Linear` is not an `nn.Linear`; it samples
 under `torch.inference_mode()`. So (host facts: shared/reference/webui-forge.md, real-host-facts.md):
-- the two fused LoRAs are read with Forge's parser (`load_lora` + `model_lora_keys_unet/clip`, a fresh key-map
-  dict on every call: the defaults are shared mutable dicts) and become LayerDeltas; targets are found by the
-  key map's model key, never by module type;
+- the two fused LoRAs are read with Forge's parser and become LayerDeltas (forge_parser.py), their files cached
+  by identity (a replaced file is read again);
 - a `<lora:...>` tag naming a fused LoRA has its patches dropped from the cloned patchers; the deltas that do
   not depend on the input or the step (`constant_deltas`) go to Forge's own weight merge instead, as DynFuse's
-  own patch sets (`add_constant_patches`), and only the others are hooked;
+  own patch sets (forge_patches.py), and only the others are hooked;
 - the forward hooks live only inside one UNet call: a wrapper on a *cloned* UnetPatcher
   (`set_model_unet_function_wrapper`, backend/patcher/base.py:146), called as
   `wrapper(apply_model, {"input", "timestep", "c", "cond_or_uncond"})` (backend/sampling/sampling_function.py:270-273);
@@ -23,23 +22,21 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..baked import constant_deltas
-from ..flux import join_slices
-from ..lora_file import check_safetensors
 from ..layer_delta import LayerDelta
 from . import common
-from .common import FuseInputError, HostLora, LoraLayer
+from .common import FuseInputError, HostLora
+# the halves of the adapter, re-exported: tests and the guidance glue name them through this module
+from .forge_parser import (MAX_UNMATCHED, UNET_PREFIX, ForgeLora, check_lora_file, dense_delta,  # noqa: F401
+                           forge_lora, layer_deltas, low_rank_delta, parse_lora, split_patch_key)
+from .forge_patches import (add_constant_patches, drop_lora_patches, forge_patch_key, forge_patch_value,  # noqa: F401
+                            has_patches_of, lora_online_mode, our_patch_sets, our_wrappers, patch_identities)
 
 # cond_or_uncond codes of Forge's batching (backend/sampling/sampling_function.py:161-162)
 COND, UNCOND = 0, 1
-# Forge declares a LoRA a version mismatch above this many unmatched keys (sd_forge_lora/networks.py:25)
-MAX_UNMATCHED = 12
-UNET_PREFIX = "diffusion_model."
 
 
 # ---------------------------------------------------------------------------- detection
@@ -48,14 +45,6 @@ def _has_module(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
-
-
-def check_lora_file(path: str) -> None:
-    """Refuse a file that is not a whole safetensors file (pickles included) without loading it."""
-    from safetensors import safe_open
-    check_safetensors(path)
-    with safe_open(path, framework="pt") as f:   # parses the header and checks it against the file size
-        f.keys()
 
 
 def is_forge() -> bool:
@@ -75,299 +64,6 @@ def is_flux(sd_model: Any) -> bool:
     unet = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
     repo = getattr(getattr(getattr(unet, "model", None), "config", None), "huggingface_repo", "") or ""
     return "flux" in repo.lower() or "chroma" in repo.lower()
-
-
-# ---------------------------------------------------------------------------- Forge's LoRA parser
-@dataclass(frozen=True)
-class ForgeLora:
-    """The Forge functions this adapter uses (real ones from `forge_lora()`, stand-ins in tests)."""
-
-    load_lora: Callable            # (lora_sd, key_map) -> (patch_dict, remaining_dict)
-    keys_unet: Callable            # (KModel, key_map) -> key_map
-    keys_clip: Callable            # (JointTextEncoder, key_map) -> key_map
-    merge: Callable                # merge_lora_to_weight(patches, weight, key, computation_dtype)
-    load_state_dict: Callable      # filename -> state dict
-
-
-def forge_lora() -> ForgeLora:
-    """Bind Forge's parser (backend/patcher/lora.py:19-48, :84) and its cached state-dict reader."""
-    from backend.patcher import lora as forge_lora_module
-    try:
-        import networks  # the builtin sd_forge_lora's module: shares its lru_cache (networks.py:56-58)
-        load_sd = networks.load_lora_state_dict
-    except (ImportError, AttributeError):
-        from backend.utils import load_torch_file
-
-        def load_sd(filename):
-            return load_torch_file(filename, safe_load=True)
-    return ForgeLora(load_lora=forge_lora_module.load_lora, keys_unet=forge_lora_module.model_lora_keys_unet,
-                     keys_clip=forge_lora_module.model_lora_keys_clip,
-                     merge=forge_lora_module.merge_lora_to_weight, load_state_dict=load_sd)
-
-
-def split_patch_key(key) -> Tuple[str, Optional[Tuple[int, int, int]], Optional[Callable]]:
-    """A patch-dict key -> (model key, (dim, offset, size) or None, function or None).
-
-    Keys are model keys, or tuples (model_key, (dim, offset, size)) for slices of FLUX's fused qkv/linear1
-    and (model_key, None, fn) for re-ordered outputs (comfy utils.py:407-509; base.py:98-108 unpacks them).
-    """
-    if isinstance(key, str):
-        return key, None, None
-    return key[0], key[1], (key[2] if len(key) > 2 else None)
-
-
-def low_rank_delta(value, strength: float, offset=None) -> Optional[LayerDelta]:
-    """("lora", (up, down, alpha, mid, dora_scale)) -> LayerDelta, scale = alpha/rank x strength; None if not plain.
-
-    Comfy naming: v[0] is *up* [out, r(,1,1)], v[1] is *down* [r, in(,kh,kw)] (backend/patcher/lora.py:147-153).
-    DoRA (dora_scale set) depends on the base weight: not low rank, built dense instead.
-    """
-    if not (isinstance(value, tuple) and len(value) == 2 and value[0] == "lora"):
-        return None
-    up, down, alpha, mid, dora_scale = value[1]
-    if dora_scale is not None:
-        return None
-    rank = int(down.shape[0])
-    scale = (float(alpha) / rank if alpha is not None else 1.0) * strength
-    out_slice = None
-    if offset is not None:
-        if offset[0] != 0:
-            return None
-        out_slice = (int(offset[1]), int(offset[2]))
-    return LayerDelta(down=down, up=up, mid=mid, scale=scale, out_slice=out_slice)
-
-
-def _depends_on_weight(value) -> bool:
-    """Whether a patch's dW depends on the base weight: DoRA (dora_scale, last item), GLoRA, set, unknown forms."""
-    if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str)):
-        return True
-    kind, v = value
-    if kind in ("diff",):
-        return False
-    if kind in ("lora", "loha", "lokr"):
-        return v[-1] is not None
-    return True
-
-
-def _weight_for_dense(module: torch.nn.Module, model_key: str) -> torch.Tensor:
-    weight = getattr(module, "weight", None)
-    if weight is None or getattr(weight, "bnb_quantized", False) or getattr(weight, "gguf_cls", None) is not None:
-        raise FuseInputError(f"DynFuse: {model_key} is stored quantized (NF4/FP4/GGUF); only plain LoRA "
-                        "(lora_up/lora_down) works there, not LoHa/LoKr/DoRA/GLoRA/full diffs")
-    return weight
-
-
-def dense_delta(entries: Sequence[Tuple[Any, Any, Any]], module: torch.nn.Module, model_key: str,
-                merge: Callable, strength: float) -> LayerDelta:
-    """dW of one layer for non-low-rank patches (LoHa, LoKr, GLoRA, DoRA, diff, set, re-ordered outputs).
-
-    Built once per generation with Forge's own `merge_lora_to_weight` on a normal (non-inference) copy:
-    on zeros when dW does not depend on W (exact), else merged(W) - W (DoRA/GLoRA/set depend on W).
-    `entries` are (value, offset, function) of one model key.
-    """
-    weight = _weight_for_dense(module, model_key)
-    needs_base = any(_depends_on_weight(value) for value, _, _ in entries)
-    patches = [[strength, value, 1.0, offset, function] for value, offset, function in entries]
-    with torch.inference_mode(False), torch.no_grad():
-        if needs_base:
-            base = weight.detach().to(torch.float32).clone()
-        else:
-            base = torch.zeros(tuple(weight.shape), dtype=torch.float32, device=weight.device)
-        merged = merge(patches, base.clone(), model_key, computation_dtype=torch.float32)
-        dw = (merged.to(torch.float32) - base) if needs_base else merged.to(torch.float32).clone()
-    return LayerDelta(dense=dw.to(weight.dtype if weight.dtype.is_floating_point else torch.float32))
-
-
-def layer_deltas(patch_dict: Dict[Any, Any], root: torch.nn.Module, merge: Callable, strength: float
-                 ) -> Tuple[Dict[str, LayerDelta], List[str]]:
-    """Forge patch dict -> {module path under root: LayerDelta}, plus the patch keys that are skipped and why.
-
-    All patches of one model key (FLUX: q, k, v, mlp slices of one fused layer) become one delta.
-    """
-    grouped: Dict[str, List[Tuple[Any, Any, Any]]] = {}
-    skipped: List[str] = []
-    for key, value in patch_dict.items():
-        model_key, offset, function = split_patch_key(key)
-        if not model_key.endswith(".weight"):
-            skipped.append(f"{model_key} (only weights are fused, not biases or norms)")
-            continue
-        grouped.setdefault(model_key, []).append((value, offset, function))
-    deltas: Dict[str, LayerDelta] = {}
-    for model_key, entries in grouped.items():
-        path = model_key[: -len(".weight")]
-        try:
-            module = root.get_submodule(path)
-        except AttributeError:
-            skipped.append(f"{model_key} (no such layer)")
-            continue
-        low = [None if function is not None else low_rank_delta(value, strength, offset)
-               for value, offset, function in entries]
-        if all(d is not None for d in low):
-            out_channels = _out_channels(module, low)
-            for d in low:
-                _check_fits(d, module, out_channels, model_key)
-            deltas[path] = join_slices(low, out_channels)
-        else:
-            deltas[path] = dense_delta(entries, module, model_key, merge, strength)
-    return deltas, skipped
-
-
-def _out_channels(module: torch.nn.Module, deltas: Sequence[LayerDelta]) -> int:
-    """The layer's output channels: its weight's rows, else out_features/out_channels, else (a quantized layer
-    without them, operations.py:355-438) the end of the furthest slice."""
-    weight = getattr(module, "weight", None)
-    if weight is not None and hasattr(weight, "shape") and len(weight.shape) >= 2 \
-            and not getattr(weight, "bnb_quantized", False):
-        return int(weight.shape[0])
-    for attr in ("out_features", "out_channels"):
-        if hasattr(module, attr):
-            return int(getattr(module, attr))
-    return max(int(d.up.shape[0]) if d.out_slice is None else sum(d.out_slice) for d in deltas)
-
-
-def _check_fits(delta: LayerDelta, module: torch.nn.Module, out_channels: int, model_key: str) -> None:
-    size = delta.out_slice[1] if delta.out_slice is not None else out_channels
-    if int(delta.up.shape[0]) != size:
-        raise FuseInputError(f"DynFuse: the LoRA's {model_key} has {delta.up.shape[0]} outputs, the layer {size}: "
-                        "the LoRA was made for another model")
-    in_features = getattr(module, "in_features", getattr(module, "in_channels", None))
-    if in_features is not None and int(delta.down.shape[1]) != int(in_features):
-        raise FuseInputError(f"DynFuse: the LoRA's {model_key} takes {delta.down.shape[1]} inputs, the layer "
-                        f"{in_features}: the LoRA was made for another model")
-
-
-def parse_lora(api: ForgeLora, name: str, lora_sd: Dict[str, torch.Tensor], unet_model: torch.nn.Module,
-               clip_model: Optional[torch.nn.Module]) -> HostLora:
-    """Read one LoRA state dict with Forge's parser, UNet first then text encoders (as networks.py:15-23).
-
-    Deltas at strength 1 (the user weights are applied when pairing). Layer names: UNet layers by their path
-    under `diffusion_model` (e.g. `input_blocks.1.1.proj_in`, `double_blocks.0.img_attn.qkv`), text-encoder
-    layers by their path under `clip.cond_stage_model` (`clip_l.transformer.text_model...`).
-    """
-    unet_patches, rest = api.load_lora(lora_sd, api.keys_unet(unet_model, {}))
-    te_patches: Dict[Any, Any] = {}
-    if clip_model is not None:
-        te_patches, rest = api.load_lora(rest, api.keys_clip(clip_model, {}))
-    unet, skipped = layer_deltas(unet_patches, unet_model, api.merge, 1.0)
-    te: Dict[str, LayerDelta] = {}
-    if clip_model is not None:
-        te, skipped_te = layer_deltas(te_patches, clip_model, api.merge, 1.0)
-        skipped += skipped_te
-    unmatched = sorted(k for k in rest if not k.endswith(".alpha"))
-    if not unet and not te:
-        raise FuseInputError(f"DynFuse: LoRA {name!r} matches no layer of the loaded model "
-                             f"({len(lora_sd)} keys, e.g. {next(iter(sorted(lora_sd)), '')!r}): made for another base model?")
-    if len(unmatched) > MAX_UNMATCHED:
-        raise FuseInputError(f"DynFuse: LoRA {name!r} does not fit the loaded model: {len(unmatched)} of its keys "
-                             f"match no layer (e.g. {', '.join(unmatched[:3])})")
-    out = HostLora(name=name, skipped=skipped + [f"{k} (no layer)" for k in unmatched])
-    for path, delta in unet.items():
-        layer = path[len(UNET_PREFIX):] if path.startswith(UNET_PREFIX) else path
-        out.layers[layer] = LoraLayer(module=unet_model.get_submodule(path), group="unet", delta=delta)
-    for path, delta in te.items():
-        out.layers[path] = LoraLayer(module=clip_model.get_submodule(path), group="te", delta=delta)
-    return out
-
-
-# ---------------------------------------------------------------------------- keep Forge from merging them
-def drop_lora_patches(patcher: Any, filenames: Iterable[str]) -> List[str]:
-    """Remove these files' entries from a (cloned) patcher's `lora_patches` (keyed (filename, ...), base.py:92).
-
-    The fused LoRAs must never be merged into the weights too (a `<lora:...>` tag naming one of them).
-    Returns the removed filenames.
-    """
-    wanted = {os.path.normcase(os.path.abspath(f)) for f in filenames if f}
-    removed = []
-    for key in list(getattr(patcher, "lora_patches", {}) or {}):
-        filename = key[0] if isinstance(key, tuple) else key
-        if isinstance(filename, str) and os.path.normcase(os.path.abspath(filename)) in wanted:
-            del patcher.lora_patches[key]
-            removed.append(filename)
-    return removed
-
-
-def _has_patches_of(patcher: Any, filenames: Iterable[str]) -> bool:
-    wanted = {os.path.normcase(os.path.abspath(f)) for f in filenames if f}
-    return any(isinstance(k, tuple) and isinstance(k[0], str) and os.path.normcase(os.path.abspath(k[0])) in wanted
-               for k in getattr(patcher, "lora_patches", {}) or {})
-
-
-# ---------------------------------------------------------------------------- constant deltas: Forge's own merge
-def forge_patch_value(delta: LayerDelta):
-    """A LayerDelta as the patch value Forge merges (backend/patcher/lora.py:85-160): low rank as ("lora", (up,
-    down, alpha, mid, None)) with alpha = scale x rank (Forge scales by alpha / rank), dense as ("diff", (dW,))."""
-    if delta.is_low_rank:
-        return "lora", (delta.up, delta.down, delta.scale * delta.rank, delta.mid, None)
-    return "diff", (delta.dense if delta.scale == 1.0 else delta.dense * delta.scale,)
-
-
-def forge_patch_key(prefix: str, name: str, delta: LayerDelta):
-    """The patch-dict key of a layer: its model key, with (dim, offset, size) for a slice (split_patch_key)."""
-    model_key = prefix + name + ".weight"
-    if delta.out_slice is None:
-        return model_key
-    return model_key, (0, int(delta.out_slice[0]), int(delta.out_slice[1]))
-
-
-def lora_online_mode(unet: Any) -> bool:
-    """Whether Forge merges LoRA patches per forward, decided as for <lora> (sd_forge_lora/networks.py:102-105)."""
-    try:
-        from backend.args import dynamic_args
-        online = bool(dynamic_args.get("online_lora", False))
-    except ImportError:
-        online = False
-    if getattr(unet.model, "storage_dtype", None) in (torch.float32, torch.float16, torch.bfloat16):
-        online = False
-    return online
-
-
-def add_constant_patches(objects: Any, group: str, targets: Sequence[Any], args: Any,
-                         identities: Tuple[str, str]) -> Set[str]:
-    """Give Forge's own weight merge every delta of `group` that does not depend on the input or the step.
-
-    `constant_deltas`: all of them for `merge`, and for every method the layers only one LoRA touches. They
-    become two patch sets (subject, style) on a clone of `objects.unet` (group "unet", model keys under the
-    KModel) or `objects.clip` ("te", keys under its cond_stage_model), assigned back, so Forge merges them into
-    the weights when it loads that model, as it does for <lora>: each call then costs what the plain model
-    costs, and the weights come from <lora>'s own arithmetic. Forge keeps its own copy of the weights and puts
-    it back when the patches change, so the next job without them gets the weights back bit for bit.
-    `identities` (`patch_identities`) name the two sets: Forge skips its re-merge while the names of the patch
-    sets are unchanged (LoraLoader.refresh), so they must change whenever the deltas do. Returns the names of
-    the targets patched.
-    """
-    prefix = UNET_PREFIX if group == "unet" else ""
-    sets: Tuple[Dict[Any, Any], Dict[Any, Any]] = ({}, {})
-    names: Dict[Any, str] = {}
-    for t in targets:
-        deltas = constant_deltas(t, args.method, args.text_encoder) if t.group == group else None
-        for delta in deltas or []:
-            key = forge_patch_key(prefix, t.name, delta)
-            sets[0 if delta is t.subject else 1][key] = forge_patch_value(delta)
-            names[key] = t.name
-    attr = "unet" if group == "unet" else "clip"
-    holder = getattr(objects, attr, None)
-    if not names or holder is None:
-        return set()
-    clone = holder.clone()
-    patcher = clone if group == "unet" else clone.patcher   # a CLIP holds its patcher (backend/patcher/clip.py:20)
-    online = lora_online_mode(objects.unet)
-    taken = set()
-    for identity, patches in zip(identities, sets):
-        if patches:
-            taken |= set(patcher.add_patches(filename=identity, patches=patches, strength_patch=1.0,
-                                             strength_model=1.0, online_mode=online))
-    setattr(objects, attr, clone)
-    refused = {name for key, name in names.items() if key not in taken}   # a layer is Forge's only if all its
-    return set(names.values()) - refused                                 # patches were taken
-
-
-def patch_identities(run: "common.FuseRun") -> Tuple[str, str]:
-    """Names of the subject and style patch sets: what the deltas are made of (see add_constant_patches)."""
-    a = run.args
-    which = "all layers" if a.method == "merge" else "one-LoRA layers"
-    which += f", te {a.text_encoder}"
-    return tuple(f"DynFuse {role} {name} {run.hashes.get(role, '')} x{weight} ({which})"
-                 for role, name, weight in (("subject", a.subject, a.subject_weight), ("style", a.style, a.style_weight)))
 
 
 # ---------------------------------------------------------------------------- per-call UNet hooks
@@ -485,6 +181,7 @@ class ForgeHost(common.WebUIHost):
 
     def __init__(self, api: Optional[ForgeLora] = None):
         self._api = api
+        self.files = common.FileCache(4)   # the fused LoRAs' state dicts, by file identity
 
     @property
     def api(self) -> ForgeLora:
@@ -501,16 +198,34 @@ class ForgeHost(common.WebUIHost):
         from modules import shared
         return model_family(shared.sd_model)
 
+    def model_roots(self) -> List[torch.nn.Module]:
+        """The torch modules of the loaded model (UNet, text encoders, VAE; shared by every patcher clone)."""
+        from modules import shared
+        objects = getattr(shared.sd_model, "forge_objects", None)
+        found = [getattr(getattr(objects, holder, None), attr, None)
+                 for holder, attr in (("unet", "model"), ("clip", "cond_stage_model"), ("vae", "first_stage_model"))]
+        return [m for m in found if isinstance(m, torch.nn.Module)]
+
+    def state_counts(self) -> Dict[str, int]:
+        """DynFuse's patch sets and UNet wrappers on the current patchers (the last job's, replaced by the next
+        job's copy, processing.py:937) and on the ones Forge keeps between jobs (which must hold none)."""
+        from modules import shared
+        model = shared.sd_model
+        current = getattr(model, "forge_objects", None)
+        kept = [getattr(model, a, None) for a in ("forge_objects_original", "forge_objects_after_applying_lora")]
+        return {"patch_sets": our_patch_sets(current), "unet_wrappers": our_wrappers(current),
+                "patch_sets_kept": sum(our_patch_sets(o) + our_wrappers(o) for o in kept)}
+
     def read_lora(self, name: str) -> HostLora:
         from modules import shared
-        on_disk = self._hashed_on_disk(name)
+        on_disk, identity = self._hashed_on_disk(name)
         try:
             # Forge's loader renames a file it fails to read to `<file>.corrupted` (modules_forge/patch_basic.py:27-57),
             # so a broken LoRA is refused here first, by a header read that Forge does not wrap.
             check_lora_file(on_disk.filename)
-            lora_sd = self.api.load_state_dict(on_disk.filename)
+            lora_sd = self.files.get(on_disk.filename, self.api.load_state_dict)
         except Exception as e:  # unreadable, pickled, truncated: say which file
-            raise FuseInputError(f"DynFuse: cannot read LoRA file {on_disk.filename!r}: {e}") from e
+            raise FuseInputError(f"DynFuse: cannot read the file of LoRA {name!r} ({on_disk.filename}): {e}") from e
         objects = shared.sd_model.forge_objects
         clip = getattr(objects, "clip", None)
         out = parse_lora(self.api, on_disk.name, lora_sd, objects.unet.model, getattr(clip, "cond_stage_model", None))
@@ -520,7 +235,8 @@ class ForgeHost(common.WebUIHost):
             if layer.group == "unet":   # once here, not per UNet call (the session's casts live one scope)
                 layer.delta = on_device(layer.delta, device, dtype)
         out.shorthash = getattr(on_disk, "shorthash", "") or ""
-        out.base = _LORA_BASES.get(getattr(getattr(on_disk, "sd_version", None), "name", "Unknown"), "unknown")
+        out.base = common.LORA_BASES.get(getattr(getattr(on_disk, "sd_version", None), "name", "Unknown"), "unknown")
+        out.identity = identity
         return out
 
     # ------------------------------------------------------------------ the builtin's own <lora:...>
@@ -545,12 +261,12 @@ class ForgeHost(common.WebUIHost):
                 continue
         objects = p.sd_model.forge_objects
         removed = set()
-        if _has_patches_of(objects.unet, files):
+        if has_patches_of(objects.unet, files):
             unet = objects.unet.clone()
             removed.update(drop_lora_patches(unet, files))
             objects.unet = unet
         clip = getattr(objects, "clip", None)
-        if clip is not None and _has_patches_of(clip.patcher, files):
+        if clip is not None and has_patches_of(clip.patcher, files):
             clip = clip.clone()
             removed.update(drop_lora_patches(clip.patcher, files))
             objects.clip = clip
@@ -608,8 +324,6 @@ class ForgeHost(common.WebUIHost):
 
 
 _COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
-# Forge's network.SdVersion names (sd_forge_lora/network.py:9-15) -> model families
-_LORA_BASES = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl", "Flux": "flux"}
 
 
 def model_family(sd_model: Any) -> str:

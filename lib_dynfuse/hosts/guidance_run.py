@@ -41,6 +41,7 @@ log = logging.getLogger("dynfuse")
 
 GUIDANCE_ATTR = "dynfuse_guidance"
 SUMMARY_KEY = "DynFuse guidance"
+REFERENCES_KEY = "DynFuse references"     # where each reference came from: rendered, cached or given
 ROLES = ("subject", "style")
 ENCODERS = EncoderStore()        # CLIP and DINO stay loaded between generations (reloaded when a setting changes)
 REFERENCES = ReferenceCache()    # rendered references, keyed by everything that changes them
@@ -112,6 +113,7 @@ class GuidanceRun:
         self.images: Dict[str, Any] = {}
         self.prompts: Dict[str, str] = {}     # role -> the main prompt less the other LoRA's trigger words
         self.rendered: List[str] = []
+        self.sources: Dict[str, str] = {}     # role -> "rendered", "cached" or "given"
         self.log: List[GuidedStep] = []
         self.correction: Optional[PassCorrection] = None   # the current pass's
         self.host_state: Dict[str, Any] = {}   # what the GuidanceHost keeps for this generation only
@@ -136,6 +138,7 @@ class GuidanceRun:
                     self.run.note("DynFuse guidance: the reference render was interrupted - no guidance", p)
                     return False
                 self.images[role] = image
+            self._publish_sources(p)
             decoder, note = self.host.decoder(p, args.guidance_decoder)
             if note:
                 self.run.note(note, p)
@@ -170,7 +173,7 @@ class GuidanceRun:
         steps = int(args.reference_steps or settings["steps"])
         weight = args.subject_weight if role == "subject" else args.style_weight
         lora = args.subject if role == "subject" else args.style
-        key = reference_key(role, settings, self.run.hashes.get(role) or lora, weight, prompt, steps)
+        key = reference_key(role, settings, self.run.identities.get(role) or lora, weight, prompt, steps)
         return _ReferencePlan(role, key=key, prompt=prompt, steps=steps, p=p,
                               targets=single_lora_targets(targets, role))
 
@@ -182,8 +185,14 @@ class GuidanceRun:
             log.info("DynFuse guidance: no trigger words for %s: %s", lora, e)
             return []
 
+    def _publish_sources(self, p: Any) -> None:
+        params = getattr(p, "extra_generation_params", None)
+        if params is not None:
+            params[REFERENCES_KEY] = "; ".join(f"{role} {self.sources[role]}" for role in ROLES if role in self.sources)
+
     def _reference(self, plan: "_ReferencePlan") -> Optional[Any]:
         if plan.key is None:
+            self.sources[plan.role] = "given"
             return plan.given
 
         def render():
@@ -194,9 +203,10 @@ class GuidanceRun:
             return [image]
 
         try:
-            images, _ = self.cache.get_or_render(plan.key, render)
+            images, hit = self.cache.get_or_render(plan.key, render)
         except _Interrupted:
             return None
+        self.sources[plan.role] = "cached" if hit else "rendered"
         return images[0]
 
     # ------------------------------------------------------------------ per pass (process_before_every_sampling)

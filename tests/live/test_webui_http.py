@@ -9,6 +9,7 @@ requests use 64x64 images and 2 steps). LoRA names (files in the host's Lora fol
     DYNFUSE_LIVE_ZERO     dyn_zero      a LoRA whose weights are all zero (the same layers as the other two)
     DYNFUSE_LIVE_SDXL     dyn_sdxl      a LoRA for another base model (an SDXL LoRA when an SD1.5 checkpoint is loaded)
     DYNFUSE_LIVE_BROKEN   dyn_broken    a .safetensors file that does not parse
+    DYNFUSE_LIVE_LORA_DIR (none)        the host's Lora folder, writable (test_webui_robustness.py's file tests)
 
 The latent-refinement tests need guidance weights in the host (models/dynfuse: CLIP and DINO, any weights, random
 ones too); they skip when the host says its weights are missing. DYNFUSE_LIVE_CLIP_ARCH (e.g. ViT-B-32) sends
@@ -26,111 +27,26 @@ rank (W x + up(down(x))); both are exact maths but round differently, so `<dynlo
 side with the scale folded into the up weights (lib_dynfuse/branches.py), so these are compared within the same
 tolerance. Everything else here (extension off, repeated requests, plain images after fused ones) is compared
 bit-exactly.
-Only the standard library talks HTTP; the images are decoded with Pillow and NumPy (test requirements).
+HTTP and image helpers are in tests/live/webui.py; load, interrupt and file tests in test_webui_robustness.py.
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
-import io
 import json
-import os
 import threading
 import time
-import urllib.error
-import urllib.request
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from lib_dynfuse.args import CRITERIA, METHODS, FuseArgs
+from tests.live.webui import (BASE, BROKEN, CLIP_ARCH, INFOTEXT_KEY, PROMPT, SCRIPT_KEY, SDXL, STYLE, SUBJECT,
+                              TIMEOUT, ZERO, Result, assert_same, call, decode, guided_txt2img, mean_abs_diff, named,
+                              needs_webui, ok, require_guidance, txt2img)
 
-URL = os.environ.get("DYNFUSE_WEBUI_URL", "").rstrip("/")
-SUBJECT = os.environ.get("DYNFUSE_LIVE_SUBJECT", "dyn_subject")
-STYLE = os.environ.get("DYNFUSE_LIVE_STYLE", "dyn_style")
-ZERO = os.environ.get("DYNFUSE_LIVE_ZERO", "dyn_zero")
-SDXL = os.environ.get("DYNFUSE_LIVE_SDXL", "dyn_sdxl")
-BROKEN = os.environ.get("DYNFUSE_LIVE_BROKEN", "dyn_broken")
-SCRIPT_KEY = "dynfuse"            # alwayson_scripts key; the host matches the title "DynFuse" case-insensitively
-INFOTEXT_KEY = "DynFuse"
 MERGE_TOLERANCE = 1.0             # mean |pixel diff| (0..255) between merged-weight and low-rank LoRA application
-TIMEOUT = 600
-CLIP_ARCH = os.environ.get("DYNFUSE_LIVE_CLIP_ARCH", "")
 
-pytestmark = pytest.mark.skipif(not URL, reason="set DYNFUSE_WEBUI_URL to the URL of a running WebUI to run these")
-
-PROMPT = "a photo of a cat"
-BASE = dict(prompt=PROMPT, negative_prompt="", seed=1234, steps=2, width=64, height=64, cfg_scale=7.0,
-            sampler_name="Euler", batch_size=1, n_iter=1, send_images=True, save_images=False)
-
-
-# ----------------------------------------------------------------------------- HTTP (standard library only)
-def call(method: str, path: str, body: Any = None) -> Tuple[int, Any]:
-    """One request; returns (status, parsed JSON or text) and never raises for an HTTP error status."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(URL + path, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
-            status, raw = r.status, r.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw.decode(errors="replace")
-
-
-def ok(method: str, path: str, body: Any = None) -> Any:
-    status, out = call(method, path, body)
-    assert status == 200, f"{method} {path} answered {status}: {str(out)[:2000]}"
-    return out
-
-
-@dataclasses.dataclass
-class Result:
-    image: np.ndarray               # first image, RGB uint8
-    images: List[np.ndarray]
-    info: Dict[str, Any]            # the parsed `info` JSON
-    png_b64: str
-
-    @property
-    def params(self) -> Dict[str, Any]:
-        return self.info.get("extra_generation_params") or {}
-
-    def messages(self) -> List[str]:
-        """The extension's user-facing messages: values of DynFuse* keys of the generation parameters."""
-        return [str(v) for k, v in self.params.items() if k.lower().startswith("dynfuse") and k != INFOTEXT_KEY]
-
-
-def decode(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64.split(",", 1)[-1]))).convert("RGB"))
-
-
-def txt2img(prompt: str = PROMPT, fuse: Optional[List[Any]] = None, **overrides) -> Result:
-    body = dict(BASE, prompt=prompt, **overrides)
-    if fuse is not None:
-        body["alwayson_scripts"] = {SCRIPT_KEY: {"args": fuse}}
-    out = ok("POST", "/sdapi/v1/txt2img", body)
-    images = [decode(b) for b in out["images"]]
-    return Result(images[0], images, json.loads(out["info"]), out["images"][0])
-
-
-def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a.astype(np.int32) - b.astype(np.int32)).mean())
-
-
-def assert_same(a: np.ndarray, b: np.ndarray, what: str = "") -> None:
-    """Bit-identical pixels, or a short message with the mean and max |diff| (0..255)."""
-    if not np.array_equal(a, b):
-        diff = np.abs(a.astype(np.int32) - b.astype(np.int32))
-        raise AssertionError(f"{what + ': ' if what else ''}images differ: mean |diff| {diff.mean():.4f}, max {diff.max()}")
-
-
-def named(**kw) -> List[Dict[str, Any]]:
-    """The API's named form: one dict of FuseArgs fields."""
-    return [dict(kw)]
+pytestmark = needs_webui
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -402,21 +318,6 @@ def test_plain_and_fused_images_unchanged_after_an_interrupted_fused_run(plain):
 
 # ----------------------------------------------------------------------------- latent refinement (guidance)
 GUIDED = dict(enabled=True, subject=SUBJECT, style=STYLE, guidance=True, reference_steps=1)
-
-
-def guided_txt2img(prompt: str = PROMPT, fuse: Optional[List[Any]] = None, settings: Optional[Dict[str, Any]] = None,
-                   **overrides) -> Result:
-    """A request whose guidance uses DYNFUSE_LIVE_CLIP_ARCH (when set) and `settings` as override settings."""
-    override = dict({"dynfuse_clip_arch": CLIP_ARCH} if CLIP_ARCH else {}, **(settings or {}))
-    if override:
-        overrides["override_settings"] = override
-    return txt2img(prompt, fuse=fuse, **overrides)
-
-
-def require_guidance(result: Result) -> None:
-    off = [m for m in result.messages() if "guidance is off" in m]
-    if off:
-        pytest.skip(f"the host has no guidance weights: {off[0][:200]}")
 
 
 def test_guidance_by_the_tag_alone_equals_guidance_by_api_args():

@@ -6,7 +6,7 @@ Tests fill the dicts with `register(name, filename)`.
 """
 import enum
 import functools
-import os
+import hashlib
 
 from backend.utils import load_torch_file
 
@@ -25,14 +25,23 @@ class SdVersion(enum.Enum):
 
 
 class NetworkOnDisk:
-    """network.py NetworkOnDisk: name, filename, alias, shorthash (after read_hash), sd_version."""
+    """network.py NetworkOnDisk (:16-81): name, filename, alias, sd_version; `hash`/`shorthash` set by `set_hash`,
+    and `read_hash()` hashes the file only while no hash is set (:78-80), so an entry keeps its first hash."""
 
     def __init__(self, name, filename, sd_version=SdVersion.Unknown):
         self.name, self.filename, self.alias = name, filename, name
-        self.shorthash, self.sd_version = "", sd_version
+        self.sd_version = sd_version
+        self.hash, self.shorthash = None, None
+        self.set_hash("")
+
+    def set_hash(self, v):
+        self.hash = v
+        self.shorthash = self.hash[0:12]
 
     def read_hash(self):
-        self.shorthash = "%012x" % (abs(hash(os.path.basename(self.filename))) % (1 << 48))
+        if not self.hash:
+            with open(self.filename, "rb") as f:
+                self.set_hash(hashlib.sha256(f.read()).hexdigest())
 
 
 def register(name, filename, sd_version=SdVersion.Unknown):
