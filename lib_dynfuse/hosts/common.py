@@ -34,6 +34,7 @@ Optional, used by scripts/dynfuse.py when present:
     before_every_sampling(p, **kwargs)         Script.process_before_every_sampling (x=, noise=, c=, uc=)
     on_cfg_denoiser(params)                    registered with script_callbacks.on_cfg_denoiser
     uninstall(p)                               undo `install` on this p (called from Script.postprocess)
+    save_beside(p, processed, image, suffix, infotext)   save an extra image beside the generation's saved one
 
 Nothing here imports a WebUI module or gradio.
 """
@@ -43,7 +44,7 @@ import contextlib
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Set, Tuple
 
 import torch
 
@@ -56,7 +57,11 @@ GROUPS = ("unet", "te")
 INFOTEXT_KEY = "DynFuse"
 MESSAGE_KEY = "DynFuse message"
 RUN_ATTR = "dynfuse_run"        # the FuseRun of a generation, kept on its `p`
+OVERRIDES_ATTR = "dynfuse_xyz"  # field -> value set on a `p` by the X/Y/Z plot's DynFuse axes (hosts/xyz.py)
 TAG_NAME = "dynlora"            # <dynlora:subject:style[:key=value...]>
+HEATMAP_SUFFIX = "-dynfuse-heatmap"   # the heat-map's file name: the generation's first saved image's + this
+MERGE_NOTE = ("merge adds both LoRAs in every layer at every step:",
+              "it makes no choice, so there is no selection to show.")
 
 
 def one_line(message: str) -> str:
@@ -115,6 +120,14 @@ class HostLora:
     layers: Dict[str, LoraLayer] = field(default_factory=dict)
     skipped: List[str] = field(default_factory=list)   # layers read but not fusable here (reason in the name)
 
+    def order_as(self, modules: Iterable[torch.nn.Module]) -> None:
+        """Put the layers in the order of `modules` (the model's own), whatever order the file or the host's parser
+        gave: the targets, the selection record and the heat-map's layer axis follow it, the same on every start."""
+        rank: Dict[int, int] = {}
+        for i, m in enumerate(modules):
+            rank.setdefault(id(m), i)
+        self.layers = dict(sorted(self.layers.items(), key=lambda kv: rank.get(id(kv[1].module), len(rank))))
+
 
 class BuiltinLoraList:
     """The LoRA list of the host's builtin Lora extension: its `networks` module has the same globals in
@@ -165,6 +178,10 @@ class WebUIHost(BuiltinLoraList):
 
     def add_image(self, p: Any, processed: Any, image: Any, infotext: str) -> None:
         append_to_gallery(processed, image, infotext)
+
+    def save_beside(self, p: Any, processed: Any, image: Any, suffix: str, infotext: str) -> Optional[str]:
+        from .saving import save_beside
+        return save_beside(p, processed, image, suffix, infotext)
 
     def uninstall(self, p: Any) -> None:
         for attr in self.wrapped_methods:
@@ -366,6 +383,7 @@ class FuseRun:
                 self.messages.append(f"{e} - the image was generated without fusion")
                 log.warning("%s", self.messages[-1])
         self.args: FuseArgs = self.ui_args
+        self.overrides: Dict[str, Any] = {}
         self.rows = RowCursor()
         self.step: Tuple[int, int] = (0, 1)
         self._loaded: Dict[Tuple, Any] = {}     # (subject, style, weights, te) -> (targets, hashes) or error text
@@ -386,12 +404,27 @@ class FuseRun:
     def use_tag(self, tags: Sequence[Tuple[Sequence[str], Dict[str, str]]], p: Any = None) -> None:
         """Apply `<dynlora:...>` tags of the current batch (empty: back to the UI settings)."""
         self.args = self.ui_args
-        if not tags:
+        if tags:
+            if len(tags) > 1:
+                self.note("DynFuse: only the first <dynlora:...> tag of a prompt is used", p)
+            try:
+                self.args = tag_args(self.ui_args, tags)
+            except ArgsError as e:
+                self.note(f"{e} - the image was generated without fusion", p)
+                self.args = FuseArgs()
+                return
+        self._apply_overrides(p)
+
+    def use_overrides(self, changes: Dict[str, Any], p: Any = None) -> None:
+        """Field values an X/Y/Z plot cell sets: they win over the UI settings and the tag, for this generation."""
+        self.overrides = dict(changes or {})
+        self._apply_overrides(p)
+
+    def _apply_overrides(self, p: Any = None) -> None:
+        if not self.overrides:
             return
-        if len(tags) > 1:
-            self.note("DynFuse: only the first <dynlora:...> tag of a prompt is used", p)
         try:
-            self.args = tag_args(self.ui_args, tags)
+            self.args = self.args.with_changes(self.overrides).validate()
         except ArgsError as e:
             self.note(f"{e} - the image was generated without fusion", p)
             self.args = FuseArgs()
@@ -489,7 +522,9 @@ class FuseRun:
         # deltas that do not depend on the input (merge, K-LoRA's pick, layers one LoRA touches) cost nothing
         # per call once baked into the weights, where the host's own weight handling allows it (baked.py)
         bake = bool(getattr(self.host, "bakes_weights", lambda: False)())
-        key = (self._key(), a.method, a.criterion, a.klora_alpha, a.klora_beta, a.klora_scale, group, bake)
+        windows = {f"{role}_window": a.window(role) for role in ("subject", "style")}
+        key = (self._key(), a.method, a.criterion, a.klora_alpha, a.klora_beta, a.klora_scale, group, bake,
+               tuple(windows.values()))
         session = self._session_cache.get(key)
         if session is None:
             klora_key = None
@@ -497,7 +532,7 @@ class FuseRun:
                 klora_key = (self.hashes["subject"], a.subject_weight, self.hashes["style"], a.style_weight)
             session = FuseSession(targets, method=a.method, criterion=a.criterion, klora_alpha=a.klora_alpha,
                                   klora_beta=a.klora_beta, klora_scale=a.klora_scale, record=(group == "unet"),
-                                  te_mode=a.text_encoder, klora_key=klora_key, weight_space=bake)
+                                  te_mode=a.text_encoder, klora_key=klora_key, weight_space=bake, **windows)
             self._session_cache[key] = session
         return session
 
@@ -566,10 +601,16 @@ class FuseRun:
 
     def heatmap(self):
         """The selection heat-map of the generation's sampling, when asked for and something was recorded."""
-        if not self.enabled or not self.args.heatmap or self._last_unet is None:
+        if not self.enabled or not self.args.heatmap:
+            return None
+        title = f"DynFuse {self.args.method}: {self.args.subject} vs {self.args.style}"
+        if self.args.method == "merge" and self.infotext() is not None:   # fused (the host may own every layer)
+            from ..heatmap import render_note
+            return render_note(title, MERGE_NOTE)
+        if self._last_unet is None:
             return None
         try:
-            return self._last_unet.heatmap(title=f"DynFuse {self.args.method}: {self.args.subject} vs {self.args.style}")
+            return self._last_unet.heatmap(title=title)
         except Exception as e:  # nothing recorded (e.g. interrupted before the first step)
             log.info("DynFuse: no heat-map: %s", e)
             return None
@@ -635,6 +676,14 @@ def begin(host: HostAdapter, p: Any, values: Sequence[Any]) -> FuseRun:
     guidance and its references - sees the tag's fields too); install only when it may fuse."""
     run = FuseRun(host, ui_values=values)
     setattr(p, RUN_ATTR, run)
+    overrides = getattr(p, OVERRIDES_ATTR, None)
+    if overrides:
+        # an X/Y/Z plot cell is a shallow copy of the plot's p (xyz_grid.py:711): its own dicts keep a cell's
+        # messages and infotext out of the next cell's
+        for attr in ("extra_generation_params", "comments"):
+            if isinstance(getattr(p, attr, None), dict):
+                setattr(p, attr, dict(getattr(p, attr)))
+        run.use_overrides(overrides, p)
     run.report_all(p)
     tags = first_batch_tags(p)
     if tags:
@@ -660,13 +709,18 @@ def activate_tag(host: HostAdapter, p: Any, tags: Sequence[Tuple[Sequence[str], 
 
 
 def finish(host: HostAdapter, p: Any, processed: Any) -> None:
-    """Script.postprocess: heat-map into the gallery when asked; the per-instance wrappers go."""
+    """Script.postprocess: heat-map into the gallery when asked, and beside the saved image when the host saved
+    one; the per-instance wrappers go."""
     run = getattr(p, RUN_ATTR, None)
     if run is None:
         return
     image = run.heatmap()
     if image is not None and processed is not None:
-        host.add_image(p, processed, image, f"DynFuse selection heat-map ({run.args.subject} vs {run.args.style})")
+        text = f"DynFuse selection heat-map ({run.args.subject} vs {run.args.style})"
+        save = getattr(host, "save_beside", None)
+        if save is not None:
+            save(p, processed, image, HEATMAP_SUFFIX, text)   # before add_image: the heat-map is no generation image
+        host.add_image(p, processed, image, text)
     uninstall = getattr(host, "uninstall", None)
     if uninstall is not None:
         uninstall(p)
