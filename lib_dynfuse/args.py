@@ -37,6 +37,17 @@ def _f(default, **meta):
     return field(default=default, metadata=_meta(**meta))
 
 
+def _window_bound(role: str, which: str):
+    """A step-window bound: the fraction of the denoising from / until which a LoRA acts in the UNet."""
+    letter, start = ("c" if role == "subject" else "s"), which == "start"
+    tip = (f"The {role} LoRA acts in the UNet from this fraction of the denoising steps on (the text encoder "
+           "ignores windows: the prompt is encoded before the first step)." if start else
+           f"The {role} LoRA acts in the UNet until this fraction of the denoising steps (1 = to the end).")
+    return _f(0.0 if start else 1.0, label=f"{role.capitalize()} {'from' if start else 'until'}", tip=tip,
+              infotext=f"{letter}_{which}", aliases=(f"{letter}{which[0]}", f"{letter}_{which}", f"{role}_{which}"),
+              minimum=0.0, maximum=1.0, step=0.01, section="windows")
+
+
 @dataclass
 class FuseArgs:
     enabled: bool = _f(False, label="DynFuse", tip="Fuse a subject LoRA and a style LoRA for this generation.",
@@ -105,24 +116,10 @@ class FuseArgs:
                      infotext="score", aliases=("score",), section="guidance")
 
     # --- step windows (added last: the positional API order of the fields above stays) ---
-    subject_start: float = _f(0.0, label="Subject from",
-                              tip="The subject LoRA acts in the UNet from this fraction of the denoising steps on "
-                                  "(the text encoder ignores windows: the prompt is encoded before the first step).",
-                              infotext="c_start", aliases=("cs", "c_start", "subject_start"), minimum=0.0, maximum=1.0,
-                              step=0.01, section="windows")
-    subject_end: float = _f(1.0, label="Subject until",
-                            tip="The subject LoRA acts in the UNet until this fraction of the denoising steps (1 = to the end).",
-                            infotext="c_end", aliases=("ce", "c_end", "subject_end"), minimum=0.0, maximum=1.0, step=0.01,
-                            section="windows")
-    style_start: float = _f(0.0, label="Style from",
-                            tip="The style LoRA acts in the UNet from this fraction of the denoising steps on "
-                                "(the text encoder ignores windows: the prompt is encoded before the first step).",
-                            infotext="s_start", aliases=("ss", "s_start", "style_start"), minimum=0.0, maximum=1.0,
-                            step=0.01, section="windows")
-    style_end: float = _f(1.0, label="Style until",
-                          tip="The style LoRA acts in the UNet until this fraction of the denoising steps (1 = to the end).",
-                          infotext="s_end", aliases=("se", "s_end", "style_end"), minimum=0.0, maximum=1.0, step=0.01,
-                          section="windows")
+    subject_start: float = _window_bound("subject", "start")
+    subject_end: float = _window_bound("subject", "end")
+    style_start: float = _window_bound("style", "start")
+    style_end: float = _window_bound("style", "end")
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "FuseArgs":

@@ -3,13 +3,14 @@ import importlib.util
 import json
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from html import unescape
 
 import pytest
 
-from lib_dynfuse.args import METHODS, FuseArgs, _f
+from lib_dynfuse.args import METHODS, FuseArgs
 from lib_dynfuse.hosts import ui
+from tests.fixtures.grown_args import GrownArgs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -129,13 +130,8 @@ def test_method_dependent_controls_show_only_for_their_methods(gr):
 
 
 def test_a_new_method_and_its_field_take_their_visibility_from_the_metadata(gr, monkeypatch):
-    @dataclass
-    class Grown(FuseArgs):
-        method: str = _f("dynamic", label="Method", tip="t", infotext="method", choices=METHODS + ("blend",))
-        balance: float = _f(0.5, label="Balance", tip="t", infotext="balance", minimum=0.0, maximum=1.0, step=0.05,
-                            methods=("blend",))
-    monkeypatch.setattr(ui, "FuseArgs", Grown)
-    controls = dict(zip(Grown.field_names(), build(gr)))
+    monkeypatch.setattr(ui, "FuseArgs", GrownArgs)
+    controls = dict(zip(GrownArgs.field_names(), build(gr)))
     assert controls["balance"].kwargs["visible"] is False and "blend" in controls["method"].choices
     (_, fn, _, outputs, _), = controls["method"].events
     shown = {o.elem_id: u["visible"] for o, u in zip(outputs, fn("blend"))}

@@ -4,14 +4,14 @@ either start-up order, one generation per cell with the axis values over the UI 
 """
 import importlib.util
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
-from lib_dynfuse.args import CRITERIA, METHODS, FuseArgs, _f
+from lib_dynfuse.args import CRITERIA, METHODS, FuseArgs
 from lib_dynfuse.hosts import common, xyz
-from tests.test_a1111_glue import PROMPT, close, env, fused, run  # noqa: F401  (fixture)
+from tests.fixtures.grown_args import GrownArgs
+from tests.test_a1111_glue import PROMPT, env, fused, run  # noqa: F401  (fixture)
 
 PLOT_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standins", "xyz_grid.py")
 
@@ -63,12 +63,7 @@ def test_axes_follow_the_field_metadata():
 
 
 def test_a_balance_field_and_a_new_method_get_axes_without_a_code_change(monkeypatch):
-    @dataclass
-    class Grown(FuseArgs):
-        method: str = _f("dynamic", label="Method", tip="t", infotext="method", choices=METHODS + ("blend",))
-        balance: float = _f(0.5, label="Balance", tip="t", infotext="balance", minimum=0.0, maximum=1.0, step=0.05,
-                            methods=("blend",))
-    monkeypatch.setattr(xyz, "FuseArgs", Grown)
+    monkeypatch.setattr(xyz, "FuseArgs", GrownArgs)
     specs = {s.label: s for s in xyz.axis_specs()}
     assert specs["DynFuse Method"].choices()[-1] == "blend"
     assert specs["DynFuse Balance"].type is float and specs["DynFuse Balance"].values(0.3) == {"balance": 0.3}
