@@ -55,7 +55,7 @@
     }
 
     // After a card's action: back to the Generation tab (the first tab of `<tab>_extra_tabs`, modules/ui.py:272-275),
-    // the DynFuse accordion open, scrolled into view and flashed, and a short notice saying what was filled in.
+    // the DynFuse accordion open, the filled-in dropdown scrolled into view and flashed, and a short notice.
     function showGeneration(tab, role, name) {
         const first = app().querySelector("#" + tab + "_extra_tabs > div.tab-nav > button");
         if (first && !first.classList.contains("selected")) first.click();
@@ -66,10 +66,10 @@
             inputAccordionChecked(id, true); // javascript/inputAccordion.js: opens it and sets the checkbox
         }
         notice("DynFuse: " + name + " is the " + role + " LoRA");
-        setTimeout(function() { // the tab switch renders first
-            const shown = app().querySelector("#" + id);
+        setTimeout(function() { // the tab switch renders first; then the dropdown just filled in is shown
+            const shown = app().querySelector("#dynfuse_" + tab + "_" + role) || app().querySelector("#" + id);
             if (!shown) return;
-            shown.scrollIntoView({block: "center", behavior: "smooth"});
+            shown.scrollIntoView({block: "center"});
             shown.classList.remove("dynfuse-flash");
             void shown.offsetWidth; // restart the animation
             shown.classList.add("dynfuse-flash");
