@@ -51,15 +51,51 @@
         } else {
             box.dispatchEvent(new Event("input", {bubbles: true}));
         }
-        const accordion = app().querySelector("#dynfuse_" + tab + "_enabled");
-        if (accordion) accordion.scrollIntoView({block: "nearest"});
+        showGeneration(tab, role, name);
+    }
+
+    // After a card's action: back to the Generation tab (the first tab of `<tab>_extra_tabs`, modules/ui.py:272-275),
+    // the DynFuse accordion open, the filled-in dropdown scrolled into view and flashed, and a short notice.
+    function showGeneration(tab, role, name) {
+        const first = app().querySelector("#" + tab + "_extra_tabs > div.tab-nav > button");
+        if (first && !first.classList.contains("selected")) first.click();
+        const id = "dynfuse_" + tab + "_enabled";
+        const accordion = app().querySelector("#" + id);
+        if (accordion && typeof inputAccordionChecked === "function" && accordion.visibleCheckbox &&
+            !accordion.visibleCheckbox.checked) {
+            inputAccordionChecked(id, true); // javascript/inputAccordion.js: opens it and sets the checkbox
+        }
+        notice("DynFuse: " + name + " is the " + role + " LoRA");
+        setTimeout(function() { // the tab switch renders first; then the dropdown just filled in is shown
+            const shown = app().querySelector("#dynfuse_" + tab + "_" + role) || app().querySelector("#" + id);
+            if (!shown) return;
+            shown.scrollIntoView({block: "center"});
+            shown.classList.remove("dynfuse-flash");
+            void shown.offsetWidth; // restart the animation
+            shown.classList.add("dynfuse-flash");
+        }, 150);
+    }
+
+    function notice(text) {
+        let box = document.querySelector(".dynfuse-notice");
+        if (!box) {
+            box = document.createElement("div");
+            box.className = "dynfuse-notice";
+            box.setAttribute("role", "status");
+            document.body.appendChild(box);
+        }
+        box.textContent = text;
+        box.classList.add("dynfuse-notice-shown");
+        clearTimeout(box.dynfuseTimer);
+        box.dynfuseTimer = setTimeout(function() { box.classList.remove("dynfuse-notice-shown"); }, 3000);
     }
 
     function cardButton(tab, role, name) {
         const button = document.createElement("div");
         button.className = "dynfuse-card-action";
         button.textContent = role === "subject" ? "DF subject" : "DF style";
-        button.title = "DynFuse: use this LoRA as the " + role + " LoRA (fills the DynFuse accordion and opens it)";
+        button.title = "DynFuse: use this LoRA as the " + role + " LoRA (fills the DynFuse accordion, opens it and " +
+            "goes back to the Generation tab)";
         button.addEventListener("click", function(event) {
             event.stopPropagation(); // the card's own click would add <lora:...> to the prompt
             event.preventDefault();

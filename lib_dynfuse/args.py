@@ -24,13 +24,28 @@ class ArgsError(ValueError):
 
 def _meta(label: str, tip: str, infotext: Optional[str] = None, aliases: Sequence[str] = (),
           choices: Sequence[str] = (), minimum: Optional[float] = None, maximum: Optional[float] = None,
-          step: Optional[float] = None, ui: str = "", api_only: bool = False) -> Dict[str, Any]:
+          step: Optional[float] = None, ui: str = "", api_only: bool = False, methods: Sequence[str] = (),
+          section: str = "", axis: str = "") -> Dict[str, Any]:
+    """`methods`: the methods the field matters for (empty: all; the UI shows it only for those); `section`: the
+    UI group it sits in ("": main, "windows", "guidance"); `axis`: a short name for the X/Y/Z plot (else `label`)."""
     return dict(label=label, tip=tip, infotext=infotext, aliases=tuple(aliases), choices=tuple(choices),
-                minimum=minimum, maximum=maximum, step=step, ui=ui, api_only=api_only)
+                minimum=minimum, maximum=maximum, step=step, ui=ui, api_only=api_only, methods=tuple(methods),
+                section=section, axis=axis)
 
 
 def _f(default, **meta):
     return field(default=default, metadata=_meta(**meta))
+
+
+def _window_bound(role: str, which: str):
+    """A step-window bound: the fraction of the denoising from / until which a LoRA acts in the UNet."""
+    letter, start = ("c" if role == "subject" else "s"), which == "start"
+    tip = (f"The {role} LoRA acts in the UNet from this fraction of the denoising steps on (the text encoder "
+           "ignores windows: the prompt is encoded before the first step)." if start else
+           f"The {role} LoRA acts in the UNet until this fraction of the denoising steps (1 = to the end).")
+    return _f(0.0 if start else 1.0, label=f"{role.capitalize()} {'from' if start else 'until'}", tip=tip,
+              infotext=f"{letter}_{which}", aliases=(f"{letter}{which[0]}", f"{letter}_{which}", f"{role}_{which}"),
+              minimum=0.0, maximum=1.0, step=0.01, section="windows")
 
 
 @dataclass
@@ -50,14 +65,14 @@ class FuseArgs:
                          "klora: K-LoRA top-K weight selection with a step schedule; merge: plain sum of both LoRAs.",
                      infotext="method", aliases=("method", "m"), choices=METHODS)
     criterion: str = _f("kl", label="Criterion", tip="How 'feature change' is measured for the dynamic method (paper Table 4).",
-                        infotext="criterion", aliases=("criterion", "crit"), choices=CRITERIA)
+                        infotext="criterion", aliases=("criterion", "crit"), choices=CRITERIA, methods=("dynamic",))
     klora_alpha: float = _f(1.5, label="K-LoRA alpha", tip="Slope of the style scale S = alpha*progress + beta (K-LoRA Eq. 7).",
-                            infotext="alpha", aliases=("alpha",), minimum=0.0, maximum=5.0, step=0.05)
+                            infotext="alpha", aliases=("alpha",), minimum=0.0, maximum=5.0, step=0.05, methods=("klora",))
     klora_beta: float = _f(0.5, label="K-LoRA beta", tip="Offset of the style scale S = alpha*progress + beta (K-LoRA Eq. 7).",
-                           infotext="beta", aliases=("beta",), minimum=0.0, maximum=5.0, step=0.05)
+                           infotext="beta", aliases=("beta",), minimum=0.0, maximum=5.0, step=0.05, methods=("klora",))
     klora_scale: str = _f("linear", label="K-LoRA scale",
                           tip="linear: S = alpha*p + beta (paper); star: S* = (1.5p + 1.3) mod alpha (supplement D), more style early.",
-                          infotext="scale", aliases=("scale", "pattern"), choices=KLORA_SCALES)
+                          infotext="scale", aliases=("scale", "pattern"), choices=KLORA_SCALES, methods=("klora",))
     text_encoder: str = _f("select", label="Text encoder",
                            tip="What the LoRAs' text-encoder weights do: select (same rule, per prompt), merge both, or off.",
                            infotext="te", aliases=("te", "text_encoder"), choices=TEXT_ENCODER_MODES)
@@ -65,40 +80,46 @@ class FuseArgs:
                        tip="Add an image of which LoRA every layer chose at every step to the gallery.",
                        infotext=None, aliases=("heatmap",))
     # --- metric-guided latent refinement (paper Sec. 4.2) ---
-    guidance: bool = _f(False, label="Latent refinement (CLIP/DINO guidance)",
+    guidance: bool = _f(False, label="Refine each step toward the references", axis="guidance (on/off)",
                         tip="Render a subject and a style reference, then nudge every step toward both (paper Eq. 14-20). Slower.",
-                        infotext="guidance", aliases=("guidance", "g"))
+                        infotext="guidance", aliases=("guidance", "g"), section="guidance")
     guidance_scale: float = _f(10.0, label="Guidance strength m",
                                tip="Step size m of x_{t-1} <- x_{t-1} - m * grad R, in the paper's x_t units whatever "
                                    "the sampler (paper: 10).",
-                               infotext="m", aliases=("gm", "guidance_scale"), minimum=0.0, maximum=100.0, step=0.5)
+                               infotext="m", aliases=("gm", "guidance_scale"), minimum=0.0, maximum=100.0, step=0.5, section="guidance")
     guidance_start: float = _f(0.0, label="Guidance from", tip="First step of the refinement, as a fraction of all steps.",
-                               infotext="g_start", aliases=("gstart",), minimum=0.0, maximum=1.0, step=0.01)
+                               infotext="g_start", aliases=("gstart",), minimum=0.0, maximum=1.0, step=0.01, section="guidance")
     guidance_end: float = _f(1.0, label="Guidance until", tip="Last step of the refinement, as a fraction of all steps.",
-                             infotext="g_end", aliases=("gend",), minimum=0.0, maximum=1.0, step=0.01)
+                             infotext="g_end", aliases=("gend",), minimum=0.0, maximum=1.0, step=0.01, section="guidance")
     guidance_grad: str = _f("x0", label="Gradient",
                             tip="x0: gradient w.r.t. the predicted image (cheap); xt: through the UNet as in the paper (about 2-3x a step).",
-                            infotext="g_grad", aliases=("ggrad",), choices=GUIDANCE_GRADS)
+                            infotext="g_grad", aliases=("ggrad",), choices=GUIDANCE_GRADS, section="guidance")
     guidance_decoder: str = _f("auto", label="Decoder", tip="VAE used to decode x0 for scoring: TAESD when the host has it (fast), or the full VAE.",
-                               infotext="g_dec", aliases=("gdec",), choices=GUIDANCE_DECODERS)
+                               infotext="g_dec", aliases=("gdec",), choices=GUIDANCE_DECODERS, section="guidance")
     subject_prompt: str = _f("", label="Subject reference prompt",
                              tip="Prompt l_c for the subject reference (subject LoRA alone); empty = the main prompt "
                                  "without the style LoRA's trigger words, where its metadata names them.",
-                             infotext="l_c", aliases=())
+                             infotext="l_c", aliases=(), section="guidance")
     style_prompt: str = _f("", label="Style reference prompt",
                            tip="Prompt l_s for the style reference (style LoRA alone); empty = the main prompt "
                                "without the subject LoRA's trigger words, where its metadata names them.",
-                           infotext="l_s", aliases=())
+                           infotext="l_s", aliases=(), section="guidance")
     reference_steps: int = _f(0, label="Reference steps", tip="Sampling steps for the reference renders; 0 = the same as the image.",
-                              infotext="ref_steps", aliases=("refsteps",), minimum=0, maximum=150, step=1)
+                              infotext="ref_steps", aliases=("refsteps",), minimum=0, maximum=150, step=1, section="guidance")
     subject_image: Any = _f(None, label="Subject reference image", tip="A photo of the subject used instead of the rendered reference.",
-                            infotext=None, ui="image")
+                            infotext=None, ui="image", section="guidance")
     style_image: Any = _f(None, label="Style reference image", tip="A style image used instead of the rendered reference.",
-                          infotext=None, ui="image")
+                          infotext=None, ui="image", section="guidance")
     score: bool = _f(False, label="Score against references",
                      tip="Add each image's CLIP score, Style Sim and DINO score (K-LoRA Table 1) to its infotext, against the "
                          "rendered references of the latent refinement, or the given reference images.",
-                     infotext="score", aliases=("score",))
+                     infotext="score", aliases=("score",), section="guidance")
+
+    # --- step windows (added last: the positional API order of the fields above stays) ---
+    subject_start: float = _window_bound("subject", "start")
+    subject_end: float = _window_bound("subject", "end")
+    style_start: float = _window_bound("style", "start")
+    style_end: float = _window_bound("style", "end")
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "FuseArgs":
@@ -114,9 +135,20 @@ class FuseArgs:
             if not self.subject or not self.style:
                 raise ArgsError("DynFuse needs two LoRAs, a subject and a style "
                                 f"(got subject={self.subject!r}, style={self.style!r})")
-        if self.guidance_start > self.guidance_end:
-            raise ArgsError("DynFuse: guidance_start must not be after guidance_end")
+        for first, last in (("guidance_start", "guidance_end"), ("subject_start", "subject_end"),
+                            ("style_start", "style_end")):
+            if getattr(self, first) > getattr(self, last):
+                raise ArgsError(f"DynFuse: {first} must not be after {last} "
+                                f"({getattr(self, first)} > {getattr(self, last)})")
         return self
+
+    def window(self, role: str) -> Tuple[float, float]:
+        """(start, end): the fraction of denoising in which the "subject" or "style" LoRA acts in the UNet."""
+        return getattr(self, f"{role}_start"), getattr(self, f"{role}_end")
+
+    def windowed(self) -> Tuple[str, ...]:
+        """The LoRAs ("subject", "style") whose window leaves out part of the denoising."""
+        return tuple(role for role in ("subject", "style") if self.window(role) != (0.0, 1.0))
 
     # ------------------------------------------------------------------ construction from the outside
     @classmethod
@@ -152,6 +184,14 @@ class FuseArgs:
             raise ArgsError(f"DynFuse: unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
         kwargs = {k: _coerce(known[k], v) for k, v in data.items()}
         return cls(**kwargs)
+
+    def with_changes(self, changes: Dict[str, Any]) -> "FuseArgs":
+        """These settings with some fields changed by name, each value read as that field's type (X/Y/Z plot)."""
+        known = {f.name: f for f in fields(self)}
+        unknown = [k for k in changes if k not in known]
+        if unknown:
+            raise ArgsError(f"DynFuse: unknown field(s) {', '.join(map(repr, unknown))}")
+        return dataclasses.replace(self, **{k: _coerce(known[k], v) for k, v in changes.items()})
 
     def with_tag(self, positional: Sequence[str], named: Dict[str, str]) -> "FuseArgs":
         """Apply a `<dynlora:subject:style:key=value...>` tag on top of these (UI) settings; enables fusion."""

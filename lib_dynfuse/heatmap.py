@@ -64,7 +64,7 @@ class HeatmapLayout:
     @property
     def size(self) -> Tuple[int, int]:
         width = self.left + max(self.panel_w, 260) + self.right
-        height = self.top + 2 * self.panel_h + self.panel_gap + 28 + self.legend_h
+        height = self.top + 2 * self.panel_h + self.panel_gap + 42 + self.legend_h
         return width, height
 
 
@@ -75,11 +75,48 @@ def heatmap_layout(steps: int, layers: int, max_width: int = 900, max_height: in
     return HeatmapLayout(steps=max(1, steps), layers=max(1, layers), cell_w=cell_w, cell_h=cell_h)
 
 
+def _width(draw: ImageDraw.ImageDraw, text: str, font) -> int:
+    x0, _, x1, _ = draw.textbbox((0, 0), text, font=font)
+    return x1 - x0
+
+
 def _text(draw: ImageDraw.ImageDraw, xy, text: str, font, anchor_right: bool = False) -> None:
     if anchor_right:
-        x0, _, x1, _ = draw.textbbox((0, 0), text, font=font)
-        xy = (xy[0] - (x1 - x0), xy[1])
+        xy = (xy[0] - _width(draw, text, font), xy[1])
     draw.text(xy, text, fill=TEXT, font=font)
+
+
+def fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """`text`, or as much of its start and end as fits in `width` pixels with "..." between them."""
+    if _width(draw, text, font) <= width:
+        return text
+    keep = len(text)
+    while keep > 0:
+        keep -= 1
+        short = text[: (keep + 1) // 2] + "..." + text[len(text) - keep // 2:]
+        if _width(draw, short, font) <= width:
+            return short
+    return ""
+
+
+def layer_axis_label(layer_names: Optional[Sequence[str]], layers: int) -> str:
+    """The layer axis' caption: how many layers, in the model's order, and the first and the last one."""
+    if not layer_names or not layers:
+        return f"layer, in the model's order ({layers} layers)"
+    if layers == 1:
+        return f"layer: {layer_names[0]}"
+    return f"layer, in the model's order ({layers}: {layer_names[0]} ... {layer_names[-1]})"
+
+
+def render_note(title: str, lines: Sequence[str], width: int = 420) -> Image.Image:
+    """A heat-map's place when there is nothing to draw: the title and why (e.g. `merge` makes no choice)."""
+    font = ImageFont.load_default()
+    image = Image.new("RGB", (width, 24 + 16 * (len(lines) + 1)), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    _text(draw, (8, 6), fit_text(draw, title, font, width - 16), font)
+    for i, line in enumerate(lines):
+        _text(draw, (8, 28 + 16 * i), fit_text(draw, line, font, width - 16), font)
+    return image
 
 
 def render_heatmap(cond: torch.Tensor, uncond: torch.Tensor, title: str = "DynFuse selection",
@@ -91,11 +128,15 @@ def render_heatmap(cond: torch.Tensor, uncond: torch.Tensor, title: str = "DynFu
         raise ValueError(f"DynFuse: heat-map tables must both be [steps, layers], got {tuple(cond.shape)} "
                          f"and {tuple(uncond.shape)}")
     steps, layers = cond.shape
+    if not (torch.isfinite(cond).any() or torch.isfinite(uncond).any()):
+        return render_note(title, ["No layer made a choice in this generation: no layer both LoRAs",
+                                   "touch ran with both of them active (step windows, or none shared)."])
     lay = heatmap_layout(steps, layers)
     image = Image.new("RGB", lay.size, BACKGROUND)
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
-    _text(draw, (lay.left, 4), title, font)
+    room = lay.size[0] - lay.left - lay.right
+    _text(draw, (lay.left, 4), fit_text(draw, title, font, room), font)
 
     for panel, (name, table) in enumerate((("cond rows", cond), ("uncond rows", uncond))):
         px, py = lay.panel_origin(panel)
@@ -110,19 +151,16 @@ def render_heatmap(cond: torch.Tensor, uncond: torch.Tensor, title: str = "DynFu
             _text(draw, (px - 4, py + lay.panel_h - 11), str(steps - 1), font, anchor_right=True)
         _text(draw, (2, py + lay.panel_h // 2 - 6), "step", font)
 
-    # x axis under the second panel
+    # x axis under the second panel: the first and last layer index, then the caption on a line of its own
     px, py = lay.panel_origin(1)
     axis_y = py + lay.panel_h + 3
     _text(draw, (px, axis_y), "0", font)
-    label = f"layer ({layers} layers)"
-    if layer_names and layers:
-        label = f"layer ({layers}: {layer_names[0]} ... {layer_names[-1]})" if layers > 1 else f"layer ({layer_names[0]})"
-    _text(draw, (px + 16, axis_y), label[:120], font)
     if layers > 1:
         _text(draw, (px + lay.panel_w, axis_y), str(layers - 1), font, anchor_right=True)
+    _text(draw, (px, axis_y + 14), fit_text(draw, layer_axis_label(layer_names, layers), font, room), font)
 
     # legend: a style -> subject gradient bar and the not-run swatch
-    ly = axis_y + 24
+    ly = axis_y + 38
     _text(draw, (px, ly), "style", font)
     bar_x, bar_w = px + 40, 120
     for i in range(bar_w):

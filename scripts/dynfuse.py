@@ -16,6 +16,7 @@ from lib_dynfuse.hosts import adapter, common, ui as dynfuse_ui  # noqa: E402
 from lib_dynfuse.hosts.diagnostics import counts as diagnostic_counts  # noqa: E402
 from lib_dynfuse.hosts import guidance_run  # noqa: E402  (latent refinement, issue 4)
 from lib_dynfuse.hosts import score_run  # noqa: E402  (CLIP score, Style Sim, DINO score)
+from lib_dynfuse.hosts import xyz  # noqa: E402  (X/Y/Z plot axes)
 
 HOST = adapter()
 
@@ -101,5 +102,9 @@ script_callbacks.on_app_started(_add_routes)
 script_callbacks.on_before_ui(guidance_run.on_ui_settings)
 if hasattr(script_callbacks, "on_ui_settings"):
     script_callbacks.on_ui_settings(guidance_run.on_ui_settings)
+# X/Y/Z plot axes: now (the plot is loaded before extensions; with --nowebui the API builds its UI before
+# on_before_ui) and again before the UI, for a plot loaded after us (hosts/xyz.py)
+xyz.register_axes_safely()
+script_callbacks.on_before_ui(xyz.register_axes_safely)
 if hasattr(HOST, "on_cfg_denoiser"):
     script_callbacks.on_cfg_denoiser(HOST.on_cfg_denoiser)

@@ -304,14 +304,15 @@ def test_infotext_pastes_back_into_the_controls(env):
     import gradio  # the stand-in (tests/standins/gradio.py)
     with gradio.Blocks():
         controls = env.script.ui(False)
-    values = fused(method="klora", style_weight=0.8, klora_scale="star", text_encoder="merge", criterion="js")
+    values = fused(method="klora", style_weight=0.8, klora_scale="star", text_encoder="merge", criterion="js",
+                   subject_end=0.75, style_start=0.25)
     _, res = run(env, **values)
     from modules import infotext_utils
     params = infotext_utils.parse_generation_parameters(res.infotexts[0])
     index = {id(c): i for i, c in enumerate(controls)}
     pasted = {index[id(c)]: getter(params) for c, getter in env.script.infotext_fields}
     want = env.ui_values(**values)
-    assert set(pasted) == {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 19, 20, 23}
+    assert set(pasted) == {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 19, 20, 23, 24, 25, 26, 27}
     assert {i: pasted[i] for i in pasted} == {i: want[i] for i in pasted}
     assert pasted[0] is True
     assert [g({"Prompt": "x"}) for c, g in env.script.infotext_fields][0] is False

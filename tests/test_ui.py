@@ -8,8 +8,9 @@ from html import unescape
 
 import pytest
 
-from lib_dynfuse.args import FuseArgs
+from lib_dynfuse.args import METHODS, FuseArgs
 from lib_dynfuse.hosts import ui
+from tests.fixtures.grown_args import GrownArgs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -98,3 +99,66 @@ def test_tips_for_the_javascript_cover_every_field(gr):
 def test_javascript_reads_the_same_ids():
     js = open(os.path.join(os.path.dirname(HERE), "javascript", "dynfuse.js"), encoding="utf8").read()
     assert "dynfuse-tips-data" in js and "_card_action" in js and "titles" in js
+
+
+def _inside(block):
+    """Every block created inside `block`, depth first."""
+    out = []
+    for child in block.children:
+        out.append(child)
+        out.extend(_inside(child))
+    return out
+
+
+def _group(gr, name):
+    return next(b for b in gr.created if isinstance(b, gr.Accordion) and b.kwargs.get("elem_id") == name)
+
+
+def test_method_dependent_controls_show_only_for_their_methods(gr):
+    controls = dict(zip(FuseArgs.field_names(), build(gr)))
+    dependent = ui.method_dependent()
+    assert {"criterion", "klora_alpha", "klora_beta", "klora_scale"} <= set(dependent)
+    for f in fields(FuseArgs):   # at first: what the default method shows
+        hidden = controls[f.name].kwargs.get("visible", True) is False
+        assert hidden == (f.name in dependent and FuseArgs().method not in f.metadata["methods"]), f.name
+    (kind, fn, inputs, outputs, _), = controls["method"].events
+    assert kind == "change" and inputs == [controls["method"]] and outputs == [controls[n] for n in dependent]
+    for method in METHODS:
+        shown = {n: u["visible"] for n, u in zip(dependent, fn(method))}
+        assert shown["criterion"] == (method == "dynamic")
+        assert shown["klora_alpha"] == shown["klora_beta"] == shown["klora_scale"] == (method == "klora")
+
+
+def test_a_new_method_and_its_field_take_their_visibility_from_the_metadata(gr, monkeypatch):
+    monkeypatch.setattr(ui, "FuseArgs", GrownArgs)
+    controls = dict(zip(GrownArgs.field_names(), build(gr)))
+    assert controls["balance"].kwargs["visible"] is False and "blend" in controls["method"].choices
+    (_, fn, _, outputs, _), = controls["method"].events
+    shown = {o.elem_id: u["visible"] for o, u in zip(outputs, fn("blend"))}
+    assert shown["dynfuse_txt2img_balance"] is True and shown["dynfuse_txt2img_criterion"] is False
+
+
+def test_windows_and_guidance_sit_in_their_own_sub_accordions(gr):
+    controls = dict(zip(FuseArgs.field_names(), build(gr)))
+    windows, guidance = _group(gr, "dynfuse_txt2img_windows_group"), _group(gr, "dynfuse_txt2img_guidance_group")
+    in_windows, in_guidance = _inside(windows), _inside(guidance)
+    for f in fields(FuseArgs):
+        section = f.metadata["section"]
+        assert (controls[f.name] in in_windows) == (section == "windows"), f.name
+        assert (controls[f.name] in in_guidance) == (section == "guidance"), f.name
+    assert [c.elem_id for c in in_windows if isinstance(c, gr.Slider)] == [
+        "dynfuse_txt2img_subject_start", "dynfuse_txt2img_subject_end", "dynfuse_txt2img_style_start",
+        "dynfuse_txt2img_style_end"]
+    assert gr.created.index(windows) < gr.created.index(guidance)   # windows first: a fusion setting
+    assert windows.kwargs["open"] is False and guidance.kwargs["open"] is False
+
+
+def test_the_guidance_checkbox_does_not_repeat_its_header(gr):
+    controls = dict(zip(FuseArgs.field_names(), build(gr)))
+    guidance = _group(gr, "dynfuse_txt2img_guidance_group")
+    first = next(c for c in _inside(guidance) if isinstance(c, gr.Component))
+    assert first is controls["guidance"]
+    header, label = guidance.kwargs["label"].lower(), first.label.lower()
+    words = {w.strip("(),.") for w in label.split()} & {w.strip("(),.") for w in header.split()}
+    assert label not in header and header.split("(")[0].strip() not in label
+    assert not words & {"latent", "refinement", "clip/dino", "guidance"}, words

@@ -161,6 +161,7 @@ class A1111Host(common.WebUIHost):
                 continue
             out.layers[sd_key] = LoraLayer(module=module, group=layer_group(sd_key), delta=module_delta(m, part),
                                            part=part)
+        out.order_as(shared.sd_model.modules())
         return out
 
     # ------------------------------------------------------------------ the builtin's own <lora:...>

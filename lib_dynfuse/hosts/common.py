@@ -37,6 +37,7 @@ Optional, used by scripts/dynfuse.py when present:
     before_every_sampling(p, **kwargs)         Script.process_before_every_sampling (x=, noise=, c=, uc=)
     on_cfg_denoiser(params)                    registered with script_callbacks.on_cfg_denoiser
     uninstall(p)                               undo `install` on this p (called from Script.postprocess)
+    save_beside(p, processed, image, suffix, infotext)   save an extra image beside the generation's saved one
 
 Nothing here imports a WebUI module or gradio.
 """
@@ -44,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Dict, List, Protocol, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from ..args import ArgsError, FuseArgs
 # the parts of the glue, re-exported: hosts and tests name them through this module
@@ -52,12 +53,14 @@ from .host_lora import (LORA_BASES, BuiltinLoraList, FileCache, FuseInputError, 
                         check_base, check_finite, check_shapes, file_identity, is_packed_weight, pair_targets)
 from .messages import INFOTEXT_KEY, MESSAGE_KEY, append_to_gallery, one_line, report_on_p  # noqa: F401
 from .progress import RowCursor, img2img_schedule, pass_progress, schedule_progress  # noqa: F401
-from .run import FuseRun, parse_ui_values, tag_args  # noqa: F401
+from .run import MERGE_NOTE, FuseRun, parse_ui_values, tag_args  # noqa: F401
 
 log = logging.getLogger("dynfuse")
 
 RUN_ATTR = "dynfuse_run"        # the FuseRun of a generation, kept on its `p`
+OVERRIDES_ATTR = "dynfuse_xyz"  # field -> value set on a `p` by the X/Y/Z plot's DynFuse axes (hosts/xyz.py)
 TAG_NAME = "dynlora"            # <dynlora:subject:style[:key=value...]>
+HEATMAP_SUFFIX = "-dynfuse-heatmap"   # the heat-map's file name: the generation's first saved image's + this
 
 
 class WebUIHost(BuiltinLoraList):
@@ -71,6 +74,10 @@ class WebUIHost(BuiltinLoraList):
 
     def add_image(self, p: Any, processed: Any, image: Any, infotext: str) -> None:
         append_to_gallery(processed, image, infotext)
+
+    def save_beside(self, p: Any, processed: Any, image: Any, suffix: str, infotext: str) -> Optional[str]:
+        from .saving import save_beside
+        return save_beside(p, processed, image, suffix, infotext)
 
     def uninstall(self, p: Any) -> None:
         for attr in self.wrapped_methods:
@@ -170,6 +177,14 @@ def begin(host: HostAdapter, p: Any, values: Sequence[Any]) -> FuseRun:
     guidance and its references - sees the tag's fields too); install only when it may fuse."""
     run = FuseRun(host, ui_values=values)
     setattr(p, RUN_ATTR, run)
+    overrides = getattr(p, OVERRIDES_ATTR, None)
+    if overrides:
+        # an X/Y/Z plot cell is a shallow copy of the plot's p (xyz_grid.py:711): its own dicts keep a cell's
+        # messages and infotext out of the next cell's
+        for attr in ("extra_generation_params", "comments"):
+            if isinstance(getattr(p, attr, None), dict):
+                setattr(p, attr, dict(getattr(p, attr)))
+        run.use_overrides(overrides, p)
     run.report_all(p)
     tags = first_batch_tags(p)
     if tags:
@@ -195,13 +210,18 @@ def activate_tag(host: HostAdapter, p: Any, tags: Sequence[Tuple[Sequence[str], 
 
 
 def finish(host: HostAdapter, p: Any, processed: Any) -> None:
-    """Script.postprocess: heat-map into the gallery when asked; the per-instance wrappers go."""
+    """Script.postprocess: heat-map into the gallery when asked, and beside the saved image when the host saved
+    one; the per-instance wrappers go."""
     run = getattr(p, RUN_ATTR, None)
     if run is None:
         return
     image = run.heatmap()
     if image is not None and processed is not None:
-        host.add_image(p, processed, image, f"DynFuse selection heat-map ({run.args.subject} vs {run.args.style})")
+        text = f"DynFuse selection heat-map ({run.args.subject} vs {run.args.style})"
+        save = getattr(host, "save_beside", None)
+        if save is not None:
+            save(p, processed, image, HEATMAP_SUFFIX, text)   # before add_image: the heat-map is no generation image
+        host.add_image(p, processed, image, text)
     uninstall = getattr(host, "uninstall", None)
     if uninstall is not None:
         uninstall(p)

@@ -6,6 +6,7 @@ model key, never by module type. Every refusal names the LoRA. Host modules are 
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -217,4 +218,5 @@ def parse_lora(api: ForgeLora, name: str, lora_sd: Dict[str, torch.Tensor], unet
         out.layers[layer] = LoraLayer(module=unet_model.get_submodule(path), group="unet", delta=delta)
     for path, delta in te.items():
         out.layers[path] = LoraLayer(module=clip_model.get_submodule(path), group="te", delta=delta)
+    out.order_as(itertools.chain(unet_model.modules(), clip_model.modules() if clip_model is not None else ()))
     return out

@@ -73,7 +73,8 @@ def add_constant_patches(objects: Any, group: str, targets: Sequence[Any], args:
                          identities: Tuple[str, str]) -> Set[str]:
     """Give Forge's own weight merge every delta of `group` that does not depend on the input or the step.
 
-    `constant_deltas`: all of them for `merge`, and for every method the layers only one LoRA touches. They
+    `constant_deltas`: all of them for `merge`, and for every method the layers only one LoRA touches, except the
+    UNet deltas of a LoRA with a step window (`FuseArgs.windowed`: they change with the step, so the hooks keep them). They
     become two patch sets (subject, style) on a clone of `objects.unet` (group "unet", model keys under the
     KModel) or `objects.clip` ("te", keys under its cond_stage_model), assigned back, so Forge merges them into
     the weights when it loads that model, as it does for <lora>: each call then costs what the plain model
@@ -87,7 +88,7 @@ def add_constant_patches(objects: Any, group: str, targets: Sequence[Any], args:
     sets: Tuple[Dict[Any, Any], Dict[Any, Any]] = ({}, {})
     names: Dict[Any, str] = {}
     for t in targets:
-        deltas = constant_deltas(t, args.method, args.text_encoder) if t.group == group else None
+        deltas = constant_deltas(t, args.method, args.text_encoder, args.windowed()) if t.group == group else None
         for delta in deltas or []:
             key = forge_patch_key(prefix, t.name, delta)
             sets[0 if delta is t.subject else 1][key] = forge_patch_value(delta)
@@ -115,6 +116,8 @@ def patch_identities(run: "FuseRun") -> Tuple[str, str]:
     a = run.args
     which = "all layers" if a.method == "merge" else "one-LoRA layers"
     which += f", te {a.text_encoder}"
+    if a.windowed():   # a windowed LoRA's UNet deltas leave the sets (add_constant_patches)
+        which += ", windows " + " ".join(f"{role} {a.window(role)[0]}-{a.window(role)[1]}" for role in a.windowed())
     return tuple(f"DynFuse {role} {name} {run.identities.get(role, '')} x{weight} ({which})"
                  for role, name, weight in (("subject", a.subject, a.subject_weight), ("style", a.style, a.style_weight)))
 

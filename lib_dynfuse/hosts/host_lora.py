@@ -10,7 +10,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -47,6 +47,14 @@ class HostLora:
     identity: str = ""                    # the file's identity when read (file_identity): a key part of every cache
     layers: Dict[str, LoraLayer] = field(default_factory=dict)
     skipped: List[str] = field(default_factory=list)   # layers read but not fusable here (reason in the name)
+
+    def order_as(self, modules: Iterable[torch.nn.Module]) -> None:
+        """Put the layers in the order of `modules` (the model's own), whatever order the file or the host's parser
+        gave: the targets, the selection record and the heat-map's layer axis follow it, the same on every start."""
+        rank: Dict[int, int] = {}
+        for i, m in enumerate(modules):
+            rank.setdefault(id(m), i)
+        self.layers = dict(sorted(self.layers.items(), key=lambda kv: rank.get(id(kv[1].module), len(rank))))
 
 
 class BuiltinLoraList:

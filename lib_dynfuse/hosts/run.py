@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dynfuse")
 
+MERGE_NOTE = ("merge adds both LoRAs in every layer at every step:",
+              "it makes no choice, so there is no selection to show.")
+
 
 def identity_key(lora: HostLora) -> str:
     """What a LoRA's file is, for cache keys: its hash and its identity on disk ('' when neither is known)."""
@@ -58,6 +61,7 @@ class FuseRun:
                 self.messages.append(f"{e} - the image was generated without fusion")
                 log.warning("%s", self.messages[-1])
         self.args: FuseArgs = self.ui_args
+        self.overrides: Dict[str, Any] = {}
         self.rows = RowCursor()
         self.step: Tuple[int, int] = (0, 1)
         self._loaded: Dict[Tuple, Any] = {}     # (subject, style, weights, te) -> (targets, hashes, identities) or error text
@@ -79,12 +83,27 @@ class FuseRun:
     def use_tag(self, tags: Sequence[Tuple[Sequence[str], Dict[str, str]]], p: Any = None) -> None:
         """Apply `<dynlora:...>` tags of the current batch (empty: back to the UI settings)."""
         self.args = self.ui_args
-        if not tags:
+        if tags:
+            if len(tags) > 1:
+                self.note("DynFuse: only the first <dynlora:...> tag of a prompt is used", p)
+            try:
+                self.args = tag_args(self.ui_args, tags)
+            except ArgsError as e:
+                self.note(f"{e} - the image was generated without fusion", p)
+                self.args = FuseArgs()
+                return
+        self._apply_overrides(p)
+
+    def use_overrides(self, changes: Dict[str, Any], p: Any = None) -> None:
+        """Field values an X/Y/Z plot cell sets: they win over the UI settings and the tag, for this generation."""
+        self.overrides = dict(changes or {})
+        self._apply_overrides(p)
+
+    def _apply_overrides(self, p: Any = None) -> None:
+        if not self.overrides:
             return
-        if len(tags) > 1:
-            self.note("DynFuse: only the first <dynlora:...> tag of a prompt is used", p)
         try:
-            self.args = tag_args(self.ui_args, tags)
+            self.args = self.args.with_changes(self.overrides).validate()
         except ArgsError as e:
             self.note(f"{e} - the image was generated without fusion", p)
             self.args = FuseArgs()
@@ -189,7 +208,9 @@ class FuseRun:
         # deltas that do not depend on the input (merge, K-LoRA's pick, layers one LoRA touches) cost nothing
         # per call once baked into the weights, where the host's own weight handling allows it (baked.py)
         bake = bool(getattr(self.host, "bakes_weights", lambda: False)())
-        key = (self._key(), a.method, a.criterion, a.klora_alpha, a.klora_beta, a.klora_scale, group, bake)
+        windows = {f"{role}_window": a.window(role) for role in ("subject", "style")}
+        key = (self._key(), a.method, a.criterion, a.klora_alpha, a.klora_beta, a.klora_scale, group, bake,
+               tuple(windows.values()))
         session = self._session_cache.get(key)
         if session is None:
             klora_key = None
@@ -197,7 +218,7 @@ class FuseRun:
                 klora_key = (self.identities["subject"], a.subject_weight, self.identities["style"], a.style_weight)
             session = FuseSession(targets, method=a.method, criterion=a.criterion, klora_alpha=a.klora_alpha,
                                   klora_beta=a.klora_beta, klora_scale=a.klora_scale, record=(group == "unet"),
-                                  te_mode=a.text_encoder, klora_key=klora_key, weight_space=bake)
+                                  te_mode=a.text_encoder, klora_key=klora_key, weight_space=bake, **windows)
             self._session_cache[key] = session
         return session
 
@@ -266,10 +287,16 @@ class FuseRun:
 
     def heatmap(self):
         """The selection heat-map of the generation's sampling, when asked for and something was recorded."""
-        if not self.enabled or not self.args.heatmap or self._last_unet is None:
+        if not self.enabled or not self.args.heatmap:
+            return None
+        title = f"DynFuse {self.args.method}: {self.args.subject} vs {self.args.style}"
+        if self.args.method == "merge" and self.infotext() is not None:   # fused (the host may own every layer)
+            from ..heatmap import render_note
+            return render_note(title, MERGE_NOTE)
+        if self._last_unet is None:
             return None
         try:
-            return self._last_unet.heatmap(title=f"DynFuse {self.args.method}: {self.args.subject} vs {self.args.style}")
+            return self._last_unet.heatmap(title=title)
         except Exception as e:  # nothing recorded (e.g. interrupted before the first step)
             log.info("DynFuse: no heat-map: %s", e)
             return None

@@ -9,12 +9,14 @@ from __future__ import annotations
 import html
 import json
 from dataclasses import fields
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..args import FuseArgs
 from .common import INFOTEXT_KEY, infotext_field_value
 
-GUIDANCE_FIRST = "guidance"     # fields from here on go into the nested "latent refinement" accordion
+# sub-accordions of the DynFuse accordion, by FuseArgs `section` metadata, in this order (others after them)
+SECTIONS = {"windows": "Step windows (UNet)", "guidance": "Latent refinement (CLIP/DINO guidance, paper Sec. 4.2)"}
+PAIRED_ROWS = ("subject", "style"), ("subject_weight", "style_weight")   # main fields shown side by side
 
 
 def tips() -> Dict[str, Dict[str, str]]:
@@ -31,15 +33,38 @@ def lora_dropdown_choices(names) -> List[str]:
     return [""] + [n for n in names if n]
 
 
+def method_dependent() -> List[str]:
+    """The fields that matter for some methods only (FuseArgs `methods` metadata), in field order."""
+    return [f.name for f in fields(FuseArgs) if f.metadata["methods"]]
+
+
+def shown_for(method: str) -> Dict[str, bool]:
+    """field name -> whether its control shows when `method` is picked (every field without `methods` does)."""
+    return {f.name: not f.metadata["methods"] or method in f.metadata["methods"] for f in fields(FuseArgs)}
+
+
+def sections() -> List[Tuple[str, List[str]]]:
+    """(section, its field names) for the sub-accordions: SECTIONS' order first, then any other section."""
+    by_section: Dict[str, List[str]] = {}
+    for f in fields(FuseArgs):
+        if f.metadata["section"]:
+            by_section.setdefault(f.metadata["section"], []).append(f.name)
+    order = [s for s in SECTIONS if s in by_section] + [s for s in by_section if s not in SECTIONS]
+    return [(s, by_section[s]) for s in order]
+
+
 def build(gr: Any, accordion_cls: Any, tab: str, lora_choices: Callable[[], List[str]],
           refresh: Callable[[], List[str]], tooltip_kw: bool = False) -> List[Any]:
-    """Create the controls in FuseArgs field order (= the order of the positional API args) and return them.
+    """Create the controls and return them in FuseArgs field order (= the order of the positional API args).
 
+    Layout: the main fields (no `section`) in field order, both LoRAs and both weights side by side, then one
+    closed sub-accordion per section. A field with `methods` metadata shows only while one of those is picked.
     `accordion_cls` is the host's InputAccordion (a hidden checkbox that is the `enabled` value);
     `tooltip_kw`: the host's gradio accepts `tooltip=` (A1111's gradio_extensons.py IOComponent_init).
     """
     defaults = FuseArgs()
     by_name = {f.name: f for f in fields(FuseArgs)}
+    visible = shown_for(defaults.method)
     controls: Dict[str, Any] = {}
     # "" = no LoRA picked: it must be a choice, or gradio 4 shows the first LoRA while the value stays empty
     choices = lora_dropdown_choices(lora_choices())
@@ -49,47 +74,59 @@ def build(gr: Any, accordion_cls: Any, tab: str, lora_choices: Callable[[], List
         out = dict(label=m["label"], elem_id=elem_id(tab, name), elem_classes=["dynfuse-control"])
         if tooltip_kw:
             out["tooltip"] = m["tip"]
+        if not visible[name]:
+            out["visible"] = False
         return out
 
     def make(name: str) -> Any:
         f = by_name[name]
         m, value = f.metadata, getattr(defaults, name)
         if m["ui"] == "lora":
-            return gr.Dropdown(choices=choices, value=value, allow_custom_value=True, **kw(name))
-        if m["ui"] == "image":
-            return gr.Image(type="pil", **kw(name))
-        if m["choices"]:
-            return gr.Radio(choices=list(m["choices"]), value=value, **kw(name))
-        if f.type in ("bool", bool):
-            return gr.Checkbox(value=value, **kw(name))
-        if m["minimum"] is not None:
-            return gr.Slider(minimum=m["minimum"], maximum=m["maximum"], step=m["step"], value=value, **kw(name))
-        return gr.Textbox(value=value, lines=1, **kw(name))
+            control = gr.Dropdown(choices=choices, value=value, allow_custom_value=True, **kw(name))
+        elif m["ui"] == "image":
+            control = gr.Image(type="pil", **kw(name))
+        elif m["choices"]:
+            control = gr.Radio(choices=list(m["choices"]), value=value, **kw(name))
+        elif f.type in ("bool", bool):
+            control = gr.Checkbox(value=value, **kw(name))
+        elif m["minimum"] is not None:
+            control = gr.Slider(minimum=m["minimum"], maximum=m["maximum"], step=m["step"], value=value, **kw(name))
+        else:
+            control = gr.Textbox(value=value, lines=1, **kw(name))
+        controls[name] = control
+        return control
 
     names = [f.name for f in fields(FuseArgs)]
-    first_guidance = names.index(GUIDANCE_FIRST)
+    paired = {name: row for row in PAIRED_ROWS for name in row}
     acc_kw = kw("enabled")
     acc_kw.pop("elem_classes")
     acc_kw.pop("tooltip", None)
     with accordion_cls(False, **acc_kw) as enabled:
         controls["enabled"] = enabled
         gr.HTML(value=tips_html(tab), visible=True, elem_classes=["dynfuse-tips"])
-        with gr.Row():
-            controls["subject"] = make("subject")
-            controls["style"] = make("style")
-            refresh_button = gr.Button(value="\U0001f504", elem_id=elem_id(tab, "refresh"),
-                                       elem_classes=["tool", "dynfuse-refresh"])
-        with gr.Row():
-            controls["subject_weight"] = make("subject_weight")
-            controls["style_weight"] = make("style_weight")
-        for name in names[3:first_guidance]:
-            if name in ("subject_weight", "style_weight"):
+        for name in names[1:]:
+            if by_name[name].metadata["section"] or name in controls:
                 continue
-            controls[name] = make(name)
-        with gr.Accordion(label="Latent refinement (CLIP/DINO guidance)", open=False,
-                          elem_id=elem_id(tab, "guidance_group")):
-            for name in names[first_guidance:]:
-                controls[name] = make(name)
+            if name not in paired:
+                make(name)
+                continue
+            with gr.Row():
+                for other in paired[name]:
+                    make(other)
+                if paired[name] == PAIRED_ROWS[0]:
+                    refresh_button = gr.Button(value="\U0001f504", elem_id=elem_id(tab, "refresh"),
+                                               elem_classes=["tool", "dynfuse-refresh"])
+        for section, members in sections():
+            with gr.Accordion(label=SECTIONS.get(section, section), open=False,
+                              elem_id=elem_id(tab, f"{section}_group")):
+                if section == "windows":   # start and end of each LoRA side by side
+                    for i in range(0, len(members), 2):
+                        with gr.Row():
+                            for name in members[i:i + 2]:
+                                make(name)
+                else:
+                    for name in members:
+                        make(name)
 
         # javascript/dynfuse.js writes "role\nname\ncounter" here from a Lora card's "use as subject/style"
         card_action = gr.Textbox(value="", elem_id=elem_id(tab, "card_action"), elem_classes=["dynfuse-hidden"],
@@ -107,9 +144,18 @@ def build(gr: Any, accordion_cls: Any, tab: str, lora_choices: Callable[[], List
                 gr.update(value=name) if role == "style" else gr.update(),
                 gr.update(value=True))
 
+    dependent = method_dependent()
+
+    def on_method(method):
+        shown = shown_for(method)
+        return [gr.update(visible=shown[name]) for name in dependent]
+
     refresh_button.click(fn=on_refresh, inputs=[], outputs=[controls["subject"], controls["style"]])
     card_action.change(fn=on_card_action, inputs=[card_action],
                        outputs=[controls["subject"], controls["style"], controls["enabled"]])
+    if dependent:
+        controls["method"].change(fn=on_method, inputs=[controls["method"]],
+                                  outputs=[controls[name] for name in dependent])
     return [controls[name] for name in names]
 
 

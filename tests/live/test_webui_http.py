@@ -40,11 +40,9 @@ from typing import Any, Dict
 import pytest
 
 from lib_dynfuse.args import CRITERIA, METHODS, FuseArgs
-from tests.live.webui import (BASE, BROKEN, CLIP_ARCH, INFOTEXT_KEY, PROMPT, SCRIPT_KEY, SDXL, STYLE, SUBJECT,
-                              TIMEOUT, ZERO, Result, assert_same, call, decode, guided_txt2img, mean_abs_diff, named,
-                              needs_webui, ok, require_guidance, txt2img)
-
-MERGE_TOLERANCE = 1.0             # mean |pixel diff| (0..255) between merged-weight and low-rank LoRA application
+from tests.live.webui import (BASE, BROKEN, CLIP_ARCH, INFOTEXT_KEY, MERGE_TOLERANCE, PROMPT, SCRIPT_KEY, SDXL,
+                              STYLE, SUBJECT, TIMEOUT, ZERO, Result, assert_same, call, decode, guided_txt2img,
+                              mean_abs_diff, named, needs_webui, ok, require_guidance, txt2img)
 
 pytestmark = needs_webui
 

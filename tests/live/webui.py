@@ -31,6 +31,7 @@ SCRIPT_KEY = "dynfuse"            # alwayson_scripts key; the host matches the t
 INFOTEXT_KEY = "DynFuse"
 MESSAGE_KEY = "DynFuse message"
 TIMEOUT = 600
+MERGE_TOLERANCE = 1.0             # mean |pixel diff| (0..255) between merged-weight and low-rank LoRA application
 
 needs_webui = pytest.mark.skipif(not URL, reason="set DYNFUSE_WEBUI_URL to the URL of a running WebUI to run these")
 

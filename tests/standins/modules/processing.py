@@ -2,8 +2,8 @@
 
 process_images (processing.py:901-1148): scripts.process (:915) -> p.init (:921, hires job count :1290-1299) ->
 job_count (:929-930) -> per batch: parse_extra_network_prompts (:957), extra_networks.activate (:961),
-setup_conds (:966), p.sample (:987) -> decode -> per image postprocess_image_after_composite (:1079-1081), then
-its infotext (:1087) -> nextjob (:1014) -> deactivate (:1132) -> Processed ->
+setup_conds (:966), p.sample (:987) -> decode -> per image postprocess_image_after_composite (:1079-1081), saved
+when `p.save_samples()` (:511-513, :1084-1085), then its infotext (:1087) -> nextjob (:1014) -> deactivate (:1132) -> Processed ->
 scripts.postprocess (:1148); all under torch.no_grad() (:919).
 Txt2Img.sample (:1308-1345): a new sampler, process_before_every_sampling (:1338), sampler.sample; with hires:
 nextjob (:1425), activate(hr_extra_network_data) (:1437), calculate_hr_conds (:1440), a new sampler (:1386), before-every-sampling
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modules import extra_networks, script_callbacks, scripts, shared
+from modules import extra_networks, images as host_images, script_callbacks, scripts, shared
 from modules.shared import opts, state
 
 
@@ -160,7 +160,8 @@ class StableDiffusionProcessingTxt2Img:
 
     def __init__(self, prompt="", negative_prompt="", steps=4, batch_size=1, n_iter=1, seed=0, cfg_scale=5.0,
                  sampler_name="Euler", width=64, height=64, scripts=None, script_args=(), enable_hr=False,
-                 hr_second_pass_steps=0, hr_prompt="", denoising_strength=0.5, disable_extra_networks=False):
+                 hr_second_pass_steps=0, hr_prompt="", denoising_strength=0.5, disable_extra_networks=False,
+                 outpath_samples=""):
         self.prompt, self.negative_prompt, self.steps = prompt, negative_prompt, steps
         self.batch_size, self.n_iter, self.seed, self.cfg_scale = batch_size, n_iter, seed, cfg_scale
         self.sampler_name, self.width, self.height = sampler_name, width, height
@@ -168,6 +169,8 @@ class StableDiffusionProcessingTxt2Img:
         self.enable_hr, self.hr_second_pass_steps, self.hr_prompt = enable_hr, hr_second_pass_steps, hr_prompt
         self.denoising_strength = denoising_strength
         self.disable_extra_networks = disable_extra_networks
+        self.outpath_samples = outpath_samples           # "" stands for opts.samples_save off
+        self.do_not_save_samples = False
         self.extra_generation_params = {}
         self.comments = {}
         self.is_hr_pass = False
@@ -184,6 +187,9 @@ class StableDiffusionProcessingTxt2Img:
 
     def comment(self, text):
         self.comments[text] = 1
+
+    def save_samples(self):
+        return bool(self.outpath_samples) and not self.do_not_save_samples
 
     def init(self):
         """Txt2Img.init's job count (processing.py:1290-1299): hires doubles the jobs once and sets the total."""
@@ -339,6 +345,9 @@ def process_images(p):
                     pp = scripts.PostprocessImageArgs(image)
                     p.scripts.postprocess_image_after_composite(p, pp)
                     image = pp.image
+                if p.save_samples():
+                    host_images.save_image(image, p.outpath_samples, "", p.seeds[i], p.prompts[i], "png",
+                                           info=create_infotext(p, n * p.batch_size + i), p=p)
                 images.append(image)
                 infotexts.append(create_infotext(p, n * p.batch_size + i))
             state.nextjob()                                          # processing.py:1014

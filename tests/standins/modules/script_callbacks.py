@@ -1,12 +1,20 @@
 """Stand-in of modules/script_callbacks.py (v1.10.1): the registrars the extension uses and the Params classes.
 
-Signatures: CFGDenoiserParams :45-69, on_app_started :456, on_cfg_denoiser :523, on_before_ui :588,
+Signatures: ImageSaveParams :18-30, CFGDenoiserParams :45-69, on_app_started :456, on_cfg_denoiser :523, on_before_ui :588,
 on_infotext_pasted :572. Like the host (:330-351), an exception in a callback is reported, not raised.
 """
 import traceback
 
-callbacks = {"app_started": [], "cfg_denoiser": [], "before_ui": [], "infotext_pasted": []}
+callbacks = {"app_started": [], "cfg_denoiser": [], "before_ui": [], "infotext_pasted": [], "image_saved": []}
 errors = []
+
+
+class ImageSaveParams:
+    def __init__(self, image, p, filename, pnginfo):
+        self.image = image
+        self.p = p
+        self.filename = filename
+        self.pnginfo = pnginfo
 
 
 class CFGDenoiserParams:
@@ -55,3 +63,11 @@ def cfg_denoiser_callback(params):
 
 def before_ui_callback():
     _run("before_ui")
+
+
+def on_image_saved(callback, *, name=None):
+    callbacks["image_saved"].append(callback)
+
+
+def image_saved_callback(params):
+    _run("image_saved", params)

@@ -1,9 +1,17 @@
 """Stand-in of modules/scripts.py (v1.10.1): the Script base (:52-348) and the parts of ScriptRunner (:542-1025)
 that run always-on scripts: each hook gets `p.script_args[args_from:args_to]` positionally; exceptions in hooks
 are reported, not raised (:820-996). PostprocessImageArgs (:32-34) carries one image through
-postprocess_image_after_composite (:273-280, runner :924-930).
+postprocess_image_after_composite (:273-280, runner :924-930). `scripts_data` (:379, one ScriptClassData per
+Script class of every loaded script file, :381, :503) and the two runners (:1028-1029; their `scripts` list,
+:544, holds every Script instance) are what other extensions look the X/Y/Z plot up in.
 """
 import traceback
+from collections import namedtuple
+
+scripts_data = []
+ScriptClassData = namedtuple("ScriptClassData", ["script_class", "path", "basedir", "module"])
+scripts_txt2img = None
+scripts_img2img = None
 
 AlwaysVisible = object()
 
@@ -47,6 +55,7 @@ class Script:
 class ScriptRunner:
     def __init__(self, scripts):
         self.alwayson_scripts = list(scripts)
+        self.scripts = list(scripts)
         self.errors = []
 
     def _each(self, name, p, *extra, **kwargs):
