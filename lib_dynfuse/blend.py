@@ -9,10 +9,14 @@ Here both deltas are kept with weights from the two divergences d_c, d_s (KL per
 `sharpness` 0 is the direct merge (both weights 1); as it grows the weaker delta fades and the rule tends to the
 hard switch of Eq. 13 (with the tie moved by lambda). `balance` b in [0, 1] sets lambda = (1 - b) / b: 0.5 is
 neutral, lower favours the subject, higher the style, continuously (no cliff where one LoRA takes every layer).
+
+For `merge` the same control trades the two strengths (`merge_scales`): below 0.5 the style's delta shrinks,
+above it the subject's, linearly to 0 at the ends; 0.5 is the plain merge.
 """
 from __future__ import annotations
 
 import math
+from typing import Tuple
 
 import torch
 
@@ -37,6 +41,13 @@ def balance_log_ratio(balance: float) -> float:
     if not 0.0 < balance < 1.0:
         raise ValueError(f"DynFuse: balance must be strictly between 0 and 1, got {balance!r}")
     return math.log((1.0 - balance) / balance)
+
+
+def merge_scales(balance: float) -> Tuple[float, float]:
+    """(subject, style) strength factors of `merge` at balance b: (min(1, 2(1 - b)), min(1, 2b)); 0.5 is (1, 1)."""
+    if not 0.0 <= balance <= 1.0:
+        raise ValueError(f"DynFuse: balance must be between 0 and 1, got {balance!r}")
+    return min(1.0, 2.0 * (1.0 - balance)), min(1.0, 2.0 * balance)
 
 
 def blend_weights(divergence: torch.Tensor, sharpness: float, log_ratio: float) -> torch.Tensor:

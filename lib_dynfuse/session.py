@@ -29,6 +29,8 @@ recomputes the attention with each part fused by the same rule; records and K-Lo
 """
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
@@ -63,6 +65,15 @@ def in_window(window: Tuple[float, float], progress: float) -> bool:
     """start <= p < end (an end of 1 keeps the last step), with a margin for the rounding of step/total."""
     start, end = window
     return start - 1e-9 <= progress < end - 1e-9 or end >= 1.0 and progress >= start - 1e-9
+
+
+def balanced_targets(targets: Sequence[FuseTarget], balance: float) -> List[FuseTarget]:
+    """`merge` at balance b: every subject delta times min(1, 2(1 - b)), every style delta times min(1, 2b)."""
+    c, s = blend.merge_scales(balance)
+    if (c, s) == (1.0, 1.0):
+        return list(targets)
+    return [dataclasses.replace(t, subject=t.subject.with_weight(c) if t.subject is not None else None,
+                                style=t.style.with_weight(s) if t.style is not None else None) for t in targets]
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -104,7 +115,12 @@ class FuseSession:
         if not sharpness >= 0.0:
             raise ValueError(f"DynFuse: sharpness must be >= 0, got {sharpness!r}")
         self.sharpness, self.balance, self.per_token = float(sharpness), float(balance), bool(per_token)
-        self._log_ratio = blend.balance_log_ratio(self.balance)
+        if method == "blend":
+            self._log_ratio = blend.balance_log_ratio(self.balance)
+        elif method == "merge":
+            self.targets = balanced_targets(self.targets, self.balance)
+        elif self.balance != 0.5:
+            raise ValueError(f"DynFuse: balance applies to the merge and blend methods, not {method!r}")
         self.windows = {"subject": check_window("subject_window", subject_window),
                         "style": check_window("style_window", style_window)}
         self._full_windows = all(w == FULL_WINDOW for w in self.windows.values())
