@@ -60,9 +60,10 @@ class FuseArgs:
                                infotext="wc", aliases=("wc", "subject_weight"), minimum=-2.0, maximum=3.0, step=0.05)
     style_weight: float = _f(1.0, label="Style weight", tip="Strength of the style LoRA (its alpha/rank scale is applied too).",
                              infotext="ws", aliases=("ws", "style_weight"), minimum=-2.0, maximum=3.0, step=0.05)
-    method: str = _f("dynamic", label="Method",
-                     tip="dynamic: per layer and step keep the branch whose features change more (KL); "
-                         "klora: K-LoRA top-K weight selection with a step schedule; merge: plain sum of both LoRAs.",
+    method: str = _f("merge", label="Method",
+                     tip="merge: both LoRAs summed, tilted by Balance (kept both most often in the quality lab); "
+                         "dynamic: per layer and step keep the branch whose features change more (KL); "
+                         "klora: K-LoRA top-K weight selection with a step schedule.",
                      infotext="method", aliases=("method", "m"), choices=METHODS)
     criterion: str = _f("kl", label="Criterion", tip="How 'feature change' is measured for the dynamic method (paper Table 4).",
                         infotext="criterion", aliases=("criterion", "crit"), choices=CRITERIA, methods=("dynamic",))
@@ -120,6 +121,11 @@ class FuseArgs:
     subject_end: float = _window_bound("subject", "end")
     style_start: float = _window_bound("style", "start")
     style_end: float = _window_bound("style", "end")
+    balance: float = _f(0.5, label="Balance (subject <-> style)", axis="balance",
+                        tip="0.5: both LoRAs at their weights. Lower keeps more of the subject (the style's strength "
+                            "falls to 0 at 0), higher more of the style (the subject's falls to 0 at 1).",
+                        infotext="balance", aliases=("balance", "b"), minimum=0.0, maximum=1.0, step=0.05,
+                        methods=("merge",))
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "FuseArgs":
@@ -145,6 +151,14 @@ class FuseArgs:
     def window(self, role: str) -> Tuple[float, float]:
         """(start, end): the fraction of denoising in which the "subject" or "style" LoRA acts in the UNet."""
         return getattr(self, f"{role}_start"), getattr(self, f"{role}_end")
+
+    def lora_weights(self) -> Tuple[float, float]:
+        """(subject, style) strengths the LoRAs are applied at: their weights, tilted by `balance` for merge."""
+        if self.method != "merge":
+            return self.subject_weight, self.style_weight
+        from .blend import merge_scales
+        c, s = merge_scales(self.balance)
+        return self.subject_weight * c, self.style_weight * s
 
     def windowed(self) -> Tuple[str, ...]:
         """The LoRAs ("subject", "style") whose window leaves out part of the denoising."""

@@ -242,7 +242,7 @@ class PipelineFusion:
         self._wrapped.append((scheduler, step_then_move))
 
 
-def fuse_pipeline(pipe: Any, subject, style, method: str = "dynamic", criterion: str = "kl", guidance: Any = None,
+def fuse_pipeline(pipe: Any, subject, style, method: str = "merge", criterion: str = "kl", guidance: Any = None,
                   **session_kwargs) -> PipelineFusion:
     """`fuse` on pipe.unet and the pipeline's text encoders, with steps and cond/uncond rows wired (module doc).
 

@@ -2,7 +2,9 @@
 
 Each hook receives the layer's own output y = F (the base, computed once by the module itself) and adds:
 - a layer only one LoRA touches: that LoRA's delta;
-- `merge`: dF_c + dF_s (direct arithmetic merge, w_c dW_c + w_s dW_s; the weights are in the deltas);
+- `merge` (the default): dF_c + dF_s (direct arithmetic merge, w_c dW_c + w_s dW_s; the weights are in the
+  deltas), each scaled by `balance` (blend.merge_scales; 0.5 leaves both as they are);
+- `blend`: both deltas weighted by their divergences (blend.py), a soft form of `dynamic`;
 - `dynamic` (dynamic fusion Eq. 9-13): per batch row, dF_c where d_c >= d_s else dF_s, d = the criterion of
   F + dF against F (see selection.py for how features become distributions);
 - `klora` (K-LoRA Eq. 1-10): the subject's or the style's delta by a schedule [steps, layers] computed once
@@ -84,7 +86,7 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 class FuseSession:
     """Context manager: hooks on every target while open; `set_step`, `set_row_labels`, `selection`, `heatmap()`."""
 
-    def __init__(self, targets: Sequence[FuseTarget], method: str = "dynamic", criterion: str = "kl",
+    def __init__(self, targets: Sequence[FuseTarget], method: str = "merge", criterion: str = "kl",
                  klora_alpha: float = 1.5, klora_beta: float = 0.5, klora_scale: str = "linear",
                  record: bool = True, te_mode: str = "select", klora_key: Optional[Hashable] = None,
                  weight_space: bool = False, backup_device="cpu", tie_rows: bool = False,
@@ -468,12 +470,15 @@ class FuseSession:
         return branches.plus_deltas(self._prepared(index, form, module, x), x, module, y)
 
 
-def fuse(model: torch.nn.Module, subject, style, method: str = "dynamic", criterion: str = "kl", name_map=None,
+def fuse(model: torch.nn.Module, subject, style, method: str = "merge", criterion: str = "kl", name_map=None,
          text_encoders=None, **session_kwargs) -> FuseSession:
     """Resolve two `LoraFile`s (or paths, read at weight 1) onto `model` (targets.py) and return an unopened
     FuseSession (use it with `with`).
 
-    session_kwargs: klora_alpha, klora_beta, klora_scale, te_mode, record, tie_rows, subject_window, style_window,
+    method: "merge" (default: it kept both subject and style most often in the quality lab, see quality/README.md),
+    "dynamic" (Eq. 9-13 with `criterion`), "klora" or "blend".
+    session_kwargs: balance (merge and blend), sharpness and per_token (blend), klora_alpha, klora_beta, klora_scale,
+    te_mode, record, tie_rows, subject_window, style_window,
     weight_space (while open, every delta
     that does not depend on the input is baked into the weights: merge, K-LoRA's pick, layers one LoRA touches;
     see baked.py), backup_device. K-LoRA's weight statistics are

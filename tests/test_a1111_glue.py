@@ -56,7 +56,8 @@ def plain(env):
 
 
 def fused(**kw):
-    return {"enabled": True, "subject": "subj", "style": "sty", **kw}
+    """Fusion on, by the hooked `dynamic` rule unless `method` says otherwise (the default method is merge)."""
+    return {"enabled": True, "subject": "subj", "style": "sty", "method": "dynamic", **kw}
 
 
 def test_off_means_untouched(env, plain):
@@ -312,10 +313,23 @@ def test_infotext_pastes_back_into_the_controls(env):
     index = {id(c): i for i, c in enumerate(controls)}
     pasted = {index[id(c)]: getter(params) for c, getter in env.script.infotext_fields}
     want = env.ui_values(**values)
-    assert set(pasted) == {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 19, 20, 23, 24, 25, 26, 27}
+    assert set(pasted) == {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 19, 20, 23, 24, 25, 26, 27, 28}
     assert {i: pasted[i] for i in pasted} == {i: want[i] for i in pasted}
     assert pasted[0] is True
     assert [g({"Prompt": "x"}) for c, g in env.script.infotext_fields][0] is False
+
+
+def test_merge_balance_is_the_style_weight_tilted_and_in_the_infotext(env):
+    """balance 0.3 under merge scales the style's delta by 0.6: the image of style weight 0.6, the same bits; the
+    infotext names the balance, and other methods ignore it (the UI keeps it while another method is picked)."""
+    p_bal, res_bal = run(env, **fused(method="merge", balance=0.3))
+    p_ws, _ = run(env, **fused(method="merge", style_weight=0.6))
+    p_merge, _ = run(env, **fused(method="merge"))
+    assert torch.equal(p_bal.samples[0], p_ws.samples[0]) and not torch.equal(p_bal.samples[0], p_merge.samples[0])
+    assert "balance: 0.3" in res_bal.infotexts[0] and "DynFuse message" not in p_bal.extra_generation_params
+    p_dyn, _ = run(env, **fused(balance=0.3))
+    p_dyn_plain, _ = run(env, **fused())
+    assert torch.equal(p_dyn.samples[0], p_dyn_plain.samples[0])
 
 
 def test_api_dict_equals_positional_and_info_route(env):
@@ -332,7 +346,7 @@ def test_api_dict_equals_positional_and_info_route(env):
     endpoint, methods = routes["/dynfuse/v1/info"]
     info = endpoint()
     assert methods == ["GET"] and info["methods"] == ["dynamic", "klora", "merge"]
-    assert info["criteria"] == ["kl", "js", "cosine", "dot"] and info["defaults"]["method"] == "dynamic"
+    assert info["criteria"] == ["kl", "js", "cosine", "dot"] and info["defaults"]["method"] == "merge"
     assert info["host"] == "a1111" and {"subj", "sty", "zero"} <= set(info["loras"])
     assert [f["name"] for f in info["fields"]][:3] == ["enabled", "subject", "style"]
 

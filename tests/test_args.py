@@ -82,7 +82,10 @@ def test_infotext_round_trip_with_quoting():
 
 
 def test_infotext_keeps_defaults_out_but_names_and_method_in():
-    assert FuseArgs(enabled=True, subject="a", style="b").infotext() == "subject: a, style: b, method: dynamic"
+    assert FuseArgs(enabled=True, subject="a", style="b").infotext() == "subject: a, style: b, method: merge"
+    assert FuseArgs(enabled=True, subject="a", style="b", method="merge", balance=0.3).infotext() == \
+        "subject: a, style: b, method: merge, balance: 0.3"
+    assert FuseArgs.from_infotext("subject: a, style: b, method: merge, balance: 0.3").balance == 0.3
 
 
 # the positional API order of every field before the step windows (a client that sends positional values keeps

@@ -1,4 +1,4 @@
-"""Weight-space application (baked.py, FuseSession(weight_space=True)) against hand-made references.
+"""Weight-space application (baked.py, FuseSession(weight_space=True, method="dynamic")) against hand-made references.
 
 References: W0 + dW with dW = up @ down * scale computed here in float32; the baked weight is compared bit for
 bit with that sum (the same two IEEE operations), outputs with the module's plain forward on that weight.
@@ -140,9 +140,9 @@ def test_dynamic_bakes_the_layers_one_lora_touches_and_hooks_the_shared_ones(cri
     snap = _snapshot([shared, only_subject])
     w_only = only_subject.weight.detach().clone()
     with torch.no_grad():
-        with FuseSession(targets, criterion=criterion) as hooked:
+        with FuseSession(targets, criterion=criterion, method="dynamic") as hooked:
             ref_shared, ref_only = shared(x), only_subject(x)
-        with FuseSession(targets, criterion=criterion, weight_space=True) as baked:
+        with FuseSession(targets, criterion=criterion, weight_space=True, method="dynamic") as baked:
             assert len(shared._forward_hooks) == 1 and len(only_subject._forward_hooks) == 0
             assert torch.equal(only_subject.weight, w_only + _dense(d_only))
             got_shared, got_only = shared(x), only_subject(x)

@@ -452,7 +452,7 @@ def test_patch_set_names_change_with_what_the_deltas_are_made_of():
     """Forge re-merges only when the names of the patch sets change (LoraLoader.refresh): every input of the
     deltas is in the name (LoRA, its file's hash and identity, weight, and which layers the method leaves to Forge)."""
     def names(identities=("h1@1-2-3", "h2@4-5-6"), **kw):
-        run = common.FuseRun(None, ui_args=FuseArgs(enabled=True, **dict(dict(subject="a", style="b"), **kw)))
+        run = common.FuseRun(None, ui_args=FuseArgs(enabled=True, **dict(dict(subject="a", style="b", method="dynamic"), **kw)))
         run.identities = dict(zip(("subject", "style"), identities))
         return forge.patch_identities(run)
     base = names()
@@ -461,6 +461,9 @@ def test_patch_set_names_change_with_what_the_deltas_are_made_of():
                     names(identities=("h1@1-2-9", "h2@4-5-6"))):   # the same name and hash, the file replaced
         assert changed != base
     assert names(method="klora") == base and names(criterion="js") == base   # same one-LoRA layers, same deltas
+    merged = names(method="merge")   # merge's balance tilts the deltas: a new name for every balance but 0.5's
+    assert names(method="merge", balance=0.5) == merged and names(method="merge", balance=0.3) != merged
+    assert names(balance=0.3) == base                                         # other methods ignore it
 
 
 # ---------------------------------------------------------------------------- text encoder

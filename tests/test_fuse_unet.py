@@ -88,7 +88,7 @@ def test_zero_style_gives_the_subject_alone(case):
     unet, inputs, files = case["unet64"], case["inputs64"], case["files"]
     with fuse(unet, files["subject"], files["zero"], method="dynamic", criterion="kl") as session:
         fused = unet_forward(unet, inputs)
-    with fuse(unet, files["subject"], None):
+    with fuse(unet, files["subject"], None, method="dynamic"):
         subject_only = unet_forward(unet, inputs)
     # both branches are computed side by side, the subject alone by one addmm: the same maths, other rounding
     torch.testing.assert_close(fused, subject_only, **TOL)
@@ -144,14 +144,14 @@ def test_text_encoder_targets(tmp_path, sd15_unet, sd15_text_encoder):
     ids = torch.tensor([[1, 5, 9, 3, 2]])
     with torch.no_grad():
         base = te(ids).last_hidden_state
-        with fuse(unet, subject, style, text_encoders=te, te_mode="off"):
+        with fuse(unet, subject, style, text_encoders=te, te_mode="off", method="dynamic"):
             assert torch.equal(te(ids).last_hidden_state, base)
-        with fuse(unet, subject, style, text_encoders=te, te_mode="merge") as session:
+        with fuse(unet, subject, style, text_encoders=te, te_mode="merge", method="dynamic") as session:
             fused = te(ids).last_hidden_state
         merged = _merged(te, subject_w, style_w, group="te1")
         torch.testing.assert_close(fused, merged(ids).last_hidden_state, **TOL)
         assert sum(t.group == "te" for t in session.resolved.targets) == len([w for w in subject_w if w.group == "te1"])
-        with fuse(unet, subject, style, text_encoders=te, te_mode="select"):
+        with fuse(unet, subject, style, text_encoders=te, te_mode="select", method="dynamic"):
             selected = te(ids).last_hidden_state
         assert not torch.equal(selected, fused) and not torch.equal(selected, base)
         assert torch.equal(te(ids).last_hidden_state, base)

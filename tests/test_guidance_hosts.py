@@ -78,6 +78,7 @@ def env(tmp_path_factory):
 def generate(env, steps=2, seed=7, prompt=PROMPT, **fields):
     if fields.get("guidance"):
         fields.setdefault("reference_steps", 1)       # cheap references (cached across tests: same key)
+    fields.setdefault("method", "dynamic")            # hooked, so the record and the private copy are exercised
     args = env.ui_values(enabled=True, subject="subj", style="sty", **fields)
     return env.txt2img(args, prompt=prompt, steps=steps, seed=seed)
 
@@ -391,7 +392,7 @@ def test_tag_alone_starts_guidance_exactly_like_the_checkbox(env):
     """`<dynlora:...:g=1>` with the accordion off: references rendered and the latent corrected in Script.process,
     the same bits as the checkbox (the tag is parsed before the guidance decision, not only at activate)."""
     guidance_run.REFERENCES.clear()
-    p_box, res_box = generate(env, steps=2, guidance=True)
+    p_box, res_box = generate(env, steps=2, guidance=True, method="merge")   # the tag's method: the default
     guidance_run.REFERENCES.clear()
     p_tag, res_tag = env.txt2img(env.ui_values(), prompt=f"{PROMPT} {TAG}", steps=2, seed=7)
     g = guided(p_tag)

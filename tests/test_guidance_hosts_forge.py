@@ -282,7 +282,7 @@ def _xt_setup(fh, sd15_files, mask=None):
     p.sampler.model_wrap_cfg = ForgeCFGDenoiser(p.sd_model, 2, mask)
     host = forge.ForgeHost(fh.api)
     g = np.random.default_rng(0)
-    args = FuseArgs(enabled=True, subject="subject", style="zero", guidance=True, guidance_grad="xt",
+    args = FuseArgs(enabled=True, subject="subject", style="zero", method="dynamic", guidance=True, guidance_grad="xt",
                     guidance_decoder="full", guidance_scale=10.0, subject_image=g.random((32, 32, 3)),
                     style_image=g.random((32, 32, 3)))
     run = common.FuseRun(host, ui_args=args)

@@ -59,7 +59,7 @@ def test_half_precision_choices_agree_with_float64(criterion, dtype):
     for seed in range(PAIRS):
         x, subject, style = _pair(seed)
         expected, is_clear = _reference_choices(criterion, layer, x, subject, style)
-        with torch.no_grad(), FuseSession([FuseTarget("l", half, subject, style)], criterion=criterion) as session:
+        with torch.no_grad(), FuseSession([FuseTarget("l", half, subject, style)], criterion=criterion, method="dynamic") as session:
             session.set_row_labels(["cond"] * ROWS)
             for row in range(ROWS):        # one row per call, as the paper's sampler sees a layer
                 session.set_step(row, ROWS)

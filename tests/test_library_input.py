@@ -133,7 +133,7 @@ def test_alpha_zero_means_alpha_equals_rank_as_in_kohyas_trainers(tmp_path, sd15
 
 def test_set_step_needs_a_step_inside_the_schedule():
     lin = _linear(0)
-    session = FuseSession([FuseTarget("l", lin, _linear_delta(8, 6, 2, 1), _linear_delta(8, 6, 2, 2))])
+    session = FuseSession([FuseTarget("l", lin, _linear_delta(8, 6, 2, 1), _linear_delta(8, 6, 2, 2))], method="dynamic")
     session.set_step(9, 10)
     for step, total in ((10, 10), (10 ** 6, 10), (-1, 10), (0, 0)):
         with pytest.raises(ValueError, match="0 <= step < total"):
@@ -211,14 +211,14 @@ def test_fuse_accepts_paths_and_refuses_other_objects_naming_load_lora(tmp_path,
     assert torch.equal(outputs[0], outputs[1])
     for bad in (123, {"layers": 1}.items(), [tmp_path / "c.safetensors"]):
         with pytest.raises(TypeError, match=r"subject must be a LoraFile from lib_dynfuse\.load_lora"):
-            fuse(sd15_unet, bad, tmp_path / "s.safetensors")
+            fuse(sd15_unet, bad, tmp_path / "s.safetensors", method="dynamic")
 
 
 def test_a_directory_path_says_it_is_a_directory(tmp_path, sd15_unet):
     with pytest.raises(LoraFormatError, match="is a directory"):
         load_lora(tmp_path)
     with pytest.raises(LoraFormatError, match="is a directory"):
-        fuse(sd15_unet, tmp_path, tmp_path)
+        fuse(sd15_unet, tmp_path, tmp_path, method="dynamic")
 
 
 def test_partial_matches_and_same_file_warn_through_logging_and_warnings(tmp_path, sd15_unet, caplog):
@@ -229,7 +229,7 @@ def test_partial_matches_and_same_file_warn_through_logging_and_warnings(tmp_pat
     caplog.set_level(logging.WARNING, logger="lib_dynfuse")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        session = fuse(sd15_unet, path, str(path))
+        session = fuse(sd15_unet, path, str(path), method="dynamic")
     messages = session.resolved.warnings
     assert len(messages) == 3 and "same file" in messages[2] and "1 of" in messages[0]
     assert [r.getMessage() for r in caplog.records if r.name == "lib_dynfuse"] == messages
@@ -250,6 +250,6 @@ def test_a_refused_file_leaves_the_model_as_it_was(lora_path, sd15_unet):
     with torch.no_grad():
         base = unet_forward(sd15_unet, inputs)
         with pytest.raises(LoraFormatError, match=f"{TO_Q}.lora_up.weight holds NaN or Inf"):
-            fuse(sd15_unet, lora_path, lora_path, weight_space=True)
+            fuse(sd15_unet, lora_path, lora_path, weight_space=True, method="dynamic")
         assert torch.equal(unet_forward(sd15_unet, inputs), base)
     assert _same(sd15_unet, snap) and _unhooked(sd15_unet)

@@ -123,7 +123,7 @@ def test_dynamic_mixed_rows_in_one_batch():
     x = torch.tensor([[[1.0, 0.1, 0.2, 0.0]], [[0.0, 0.1, 0.2, 1.0]]])   # row 0 lives on channel 0, row 1 on 3
     with torch.no_grad():
         base = lin(x)
-        with FuseSession([FuseTarget("l", lin, dc, ds)]) as session:
+        with FuseSession([FuseTarget("l", lin, dc, ds)], method="dynamic") as session:
             session.set_row_labels(["cond", "uncond"])
             got = lin(x)
     assert _near(got[0], base[0] + _ref_delta(dc, x)[0])
@@ -138,7 +138,7 @@ def test_dynamic_conv_layer_per_row():
     x = _x(2, 3, 5, 5)
     with torch.no_grad():
         base = conv(x)
-        with FuseSession([FuseTarget("c", conv, dc, ds)]):
+        with FuseSession([FuseTarget("c", conv, dc, ds)], method="dynamic"):
             got = conv(x)
     assert _near(got, base + _ref_delta(dc, x, conv))
 
@@ -165,7 +165,7 @@ def test_sampling_path_copies_each_row_from_its_branch(criterion):
             y = module(x)
             ref_c, ref_s = _ref_delta(dc, x, module), _ref_delta(ds, x, module)
             keep = choose_subject(*branch_divergences(criterion, y, ref_c, ref_s, cdim))
-            with FuseSession([FuseTarget("m", module, dc, ds)], criterion=criterion):
+            with FuseSession([FuseTarget("m", module, dc, ds)], criterion=criterion, method="dynamic"):
                 got = module(x)
         if criterion in ("kl", "js"):   # the distribution criteria see which channel each row lives on
             assert keep.tolist() == [True, False] * 3, criterion
@@ -181,14 +181,14 @@ def test_ties_and_zero_loras(criterion):
     with torch.no_grad():
         base = lin(x)
         # identical deltas: a tie in every row -> subject
-        with FuseSession([FuseTarget("l", lin, d, d)], criterion=criterion) as tie:
+        with FuseSession([FuseTarget("l", lin, d, d)], criterion=criterion, method="dynamic") as tie:
             assert _near(lin(x), base + _ref_delta(d, x))
         # zero style: subject everywhere; zero subject: style everywhere; both zero: the base output
-        with FuseSession([FuseTarget("l", lin, d, zero)], criterion=criterion) as zs:
+        with FuseSession([FuseTarget("l", lin, d, zero)], criterion=criterion, method="dynamic") as zs:
             assert _near(lin(x), base + _ref_delta(d, x))
-        with FuseSession([FuseTarget("l", lin, zero, d)], criterion=criterion) as zc:
+        with FuseSession([FuseTarget("l", lin, zero, d)], criterion=criterion, method="dynamic") as zc:
             assert _near(lin(x), base + _ref_delta(d, x))
-        with FuseSession([FuseTarget("l", lin, zero, zero)], criterion=criterion) as both:
+        with FuseSession([FuseTarget("l", lin, zero, zero)], criterion=criterion, method="dynamic") as both:
             out = lin(x)
     assert torch.equal(out, base) and not torch.isnan(out).any()
     assert tie.selection.tolist() == [[1.0]] and zs.selection.tolist() == [[1.0]]
@@ -259,12 +259,12 @@ def test_text_encoder_modes():
     with torch.no_grad():
         base = te(x)
         targets = [FuseTarget("te", te, dc, ds, group="te"), FuseTarget("u", unet_layer, dc, ds)]
-        with FuseSession(targets, te_mode="off"):
+        with FuseSession(targets, te_mode="off", method="dynamic"):
             assert _near(te(x), base)
             assert len(te._forward_hooks) == 0
-        with FuseSession(targets, te_mode="merge"):
+        with FuseSession(targets, te_mode="merge", method="dynamic"):
             assert _near(te(x), base + _ref_delta(dc, x) + _ref_delta(ds, x))
-        with FuseSession(targets, te_mode="select") as s:
+        with FuseSession(targets, te_mode="select", method="dynamic") as s:
             assert _near(te(x), base + _ref_delta(dc, x))   # the subject delta is far larger
         with FuseSession(targets, method="klora", te_mode="select") as k:
             k.set_step(9, 10)   # the text encoder always uses progress 0
@@ -296,7 +296,7 @@ def test_hooks_removed_after_normal_exit_exception_and_interrupt():
         before = model(x)
         for error in (None, ValueError("boom"), KeyboardInterrupt()):
             try:
-                with FuseSession(_model_targets(model)) as session:
+                with FuseSession(_model_targets(model), method="dynamic") as session:
                     fused = model(x)
                     assert not torch.equal(fused, before) and session.is_open
                     if error is not None:
@@ -320,7 +320,7 @@ def test_interrupt_inside_a_hook_still_removes_everything():
         before = model(x)
         stop = model[2].register_forward_hook(interrupt)
         with pytest.raises(KeyboardInterrupt):
-            with FuseSession(_model_targets(model)):
+            with FuseSession(_model_targets(model), method="dynamic"):
                 model(x)
         stop.remove()
         assert _no_hooks(model) and torch.equal(model(x), before)
@@ -331,7 +331,7 @@ def test_layer_error_names_the_layer_and_cleans_up():
     bad = [FuseTarget("down_blocks.bad", model[0], subject=_linear_delta(8, 7, 2, 1))]   # in 7 != 6
     x = _x(2, 6)
     with pytest.raises(RuntimeError, match="down_blocks.bad"):
-        with torch.no_grad(), FuseSession(bad):
+        with torch.no_grad(), FuseSession(bad, method="dynamic"):
             model(x)
     assert _no_hooks(model)
 
@@ -342,7 +342,7 @@ def test_inference_mode_then_autograd_through_the_hooks():
     x = _x(3, 6)
     with torch.no_grad():
         expected = model(x)
-    with FuseSession(targets) as session:
+    with FuseSession(targets, method="dynamic") as session:
         with torch.no_grad():
             fused = model(x)
         with torch.inference_mode():
@@ -388,10 +388,10 @@ def test_bad_arguments_are_clear_errors():
         with pytest.raises(ValueError, match=message):
             FuseSession(t, **kwargs)
     with pytest.raises(ValueError, match="neither"):
-        FuseSession([FuseTarget("l", lin)])
+        FuseSession([FuseTarget("l", lin)], method="dynamic")
     with pytest.raises(ValueError, match="share one module"):
-        FuseSession([FuseTarget("a", lin, d), FuseTarget("b", lin, None, d)])
-    session = FuseSession(t)
+        FuseSession([FuseTarget("a", lin, d), FuseTarget("b", lin, None, d)], method="dynamic")
+    session = FuseSession(t, method="dynamic")
     with pytest.raises(ValueError, match="cond"):
         session.set_row_labels(["cond", "negative"])
     with pytest.raises(ValueError, match="total"):
@@ -414,7 +414,7 @@ def test_record_averages_calls_and_keeps_labels_apart():
     styl = torch.tensor([[[0.0, 0.1, 0.2, 1.0]]])
     other = _linear(1, 4, 4)
     targets = [FuseTarget("a", lin, dc, ds), FuseTarget("b", other, dc, ds)]
-    with torch.no_grad(), FuseSession(targets) as session:
+    with torch.no_grad(), FuseSession(targets, method="dynamic") as session:
         session.set_step(0, 3)
         session.set_row_labels(["uncond", "cond"])
         lin(torch.cat([subj, styl]))            # uncond -> subject, cond -> style
@@ -498,7 +498,7 @@ def test_deltas_are_cast_once_across_reopened_scopes(monkeypatch):
         real = getattr(branches, name)
         monkeypatch.setattr(branches, name, lambda *a, real=real: calls.append(1) or real(*a))
     model = _model()
-    session = FuseSession(_model_targets(model))
+    session = FuseSession(_model_targets(model), method="dynamic")
     x = _x(2, 6)
     outs = []
     with torch.no_grad():
@@ -562,10 +562,10 @@ def test_tied_rows_choose_together_by_their_summed_scores():
     with torch.no_grad():
         base = lin(x)
         d_c, d_s = _ref_delta(dc, x), _ref_delta(ds, x)
-        with FuseSession([FuseTarget("l", lin, dc, ds)]) as free:
+        with FuseSession([FuseTarget("l", lin, dc, ds)], method="dynamic") as free:
             free.set_row_labels(labels)
             alone = lin(x)
-        with FuseSession([FuseTarget("l", lin, dc, ds)], tie_rows=True) as tied:
+        with FuseSession([FuseTarget("l", lin, dc, ds)], tie_rows=True, method="dynamic") as tied:
             tied.set_row_labels(labels)
             together = lin(x)
     assert _near(alone, base + torch.where(torch.tensor([1, 0, 0, 1, 0]).bool()[:, None, None], d_c, d_s))
@@ -609,7 +609,7 @@ def test_bad_step_windows_are_clear_errors():
     t = [FuseTarget("l", _linear(0), _linear_delta(8, 6, 2, 1), _linear_delta(8, 6, 2, 2))]
     for window in ((0.5, 0.2), (-0.1, 1.0), (0.0, 1.5), "all", (0.1,)):
         with pytest.raises(ValueError, match="subject_window"):
-            FuseSession(t, subject_window=window)
+            FuseSession(t, subject_window=window, method="dynamic")
 
 
 def test_blend_is_merge_at_sharpness_zero_and_the_hard_choice_when_sharp():

@@ -119,7 +119,7 @@ def patch_identities(run: "FuseRun") -> Tuple[str, str]:
     if a.windowed():   # a windowed LoRA's UNet deltas leave the sets (add_constant_patches)
         which += ", windows " + " ".join(f"{role} {a.window(role)[0]}-{a.window(role)[1]}" for role in a.windowed())
     return tuple(f"DynFuse {role} {name} {run.identities.get(role, '')} x{weight} ({which})"
-                 for role, name, weight in (("subject", a.subject, a.subject_weight), ("style", a.style, a.style_weight)))
+                 for role, name, weight in zip(("subject", "style"), (a.subject, a.style), a.lora_weights()))
 
 
 def our_patch_sets(objects: Any) -> int:

@@ -128,7 +128,7 @@ class FuseRun:
     # ------------------------------------------------------------------ LoRAs -> targets
     def _key(self) -> Tuple:
         a = self.args
-        return (a.subject, a.style, a.subject_weight, a.style_weight, a.text_encoder)
+        return (a.subject, a.style, *a.lora_weights(), a.text_encoder)
 
     def prepare(self, p: Any = None) -> Optional[List[FuseTarget]]:
         """The targets for the current args (read once per generation), or None (disabled or a reported error)."""
@@ -163,7 +163,7 @@ class FuseRun:
                 if lora.skipped:
                     self.note(f"DynFuse: {len(lora.skipped)} layer(s) of {lora.name!r} cannot be fused on this "
                               f"host and are left out (e.g. {lora.skipped[0]})", p)
-            targets = pair_targets(subject, style, a.subject_weight, a.style_weight, a.text_encoder)
+            targets = pair_targets(subject, style, *a.lora_weights(), a.text_encoder)   # merge: balance-tilted
             return targets, {"subject": subject.shorthash, "style": style.shorthash}, \
                 {"subject": identity_key(subject), "style": identity_key(style)}
         except FuseInputError as e:

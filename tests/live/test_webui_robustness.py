@@ -35,7 +35,7 @@ def plain() -> Result:
 
 @pytest.fixture(scope="module")
 def fused() -> Result:
-    return txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE))
+    return txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE, method="dynamic"))
 
 
 def diagnostics() -> Dict[str, Any]:
