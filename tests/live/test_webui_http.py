@@ -398,3 +398,15 @@ def test_scores_go_into_the_infotext_and_leave_the_image(plain, subject_lora):
     assert value.startswith("CLIP score ") and "Style Sim " in value and "DINO score " in value, scored.params
     assert "DynFuse scores: CLIP score" in scored.info["infotexts"][0]
     assert "score: True" in scored.params[INFOTEXT_KEY]
+
+
+def test_default_method_is_merge_and_balance_tilts_it_like_the_style_weight():
+    """A request that names no method gets merge; balance 0.3 is style weight 0.6 pixel for pixel, through the host's
+    own weight handling (A1111's baked weights, Forge's patch sets), and the infotext names it."""
+    default = txt2img(fuse=[{"enabled": True, "subject": SUBJECT, "style": STYLE}])
+    merge = txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE, method="merge"))
+    assert_same(default.image, merge.image, "no method named: merge")
+    tilted = txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE, method="merge", balance=0.3))
+    weighted = txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE, method="merge", style_weight=0.6))
+    assert_same(tilted.image, weighted.image, "balance 0.3 against style weight 0.6")
+    assert "balance: 0.3" in str(tilted.params[INFOTEXT_KEY]) and "method: merge" in str(default.params[INFOTEXT_KEY])
