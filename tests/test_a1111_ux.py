@@ -78,6 +78,9 @@ def test_merge_heatmap_says_that_merge_makes_no_choice(env):
     assert "heat-map" in res.infotexts[1]
     assert np.array_equal(np.asarray(note), np.asarray(render_note("DynFuse merge: subj vs sty", common.MERGE_NOTE)))
     assert not _colours(note) & {SUBJECT_COLOUR, STYLE_COLOUR}   # no (empty) panels and no legend: text only
+    _, tilted = run(env, **fused(method="merge", heatmap=True, balance=0.3))   # the note names merge's balance
+    lines = common.MERGE_NOTE + ("balance 0.3: the subject at 1x, the style at 0.6x their weights.",)
+    assert np.array_equal(np.asarray(tilted.images[1]), np.asarray(render_note("DynFuse merge: subj vs sty", lines)))
     _, dynamic = run(env, **fused(heatmap=True))
     assert _colours(dynamic.images[1]) & {SUBJECT_COLOUR, STYLE_COLOUR} and note.size != dynamic.images[1].size
 

@@ -22,6 +22,15 @@ MERGE_NOTE = ("merge adds both LoRAs in every layer at every step:",
               "it makes no choice, so there is no selection to show.")
 
 
+def balance_line(balance: float) -> Tuple[str, ...]:
+    """The heat-map note's line on merge's balance (none at the neutral 0.5)."""
+    if balance == 0.5:
+        return ()
+    from ..blend import merge_scales
+    c, s = merge_scales(balance)
+    return (f"balance {balance:g}: the subject at {c:g}x, the style at {s:g}x their weights.",)
+
+
 def identity_key(lora: HostLora) -> str:
     """What a LoRA's file is, for cache keys: its hash and its identity on disk ('' when neither is known)."""
     return f"{lora.shorthash}@{lora.identity}" if lora.shorthash or lora.identity else ""
@@ -292,7 +301,7 @@ class FuseRun:
         title = f"DynFuse {self.args.method}: {self.args.subject} vs {self.args.style}"
         if self.args.method == "merge" and self.infotext() is not None:   # fused (the host may own every layer)
             from ..heatmap import render_note
-            return render_note(title, MERGE_NOTE)
+            return render_note(title, MERGE_NOTE + balance_line(self.args.balance))
         if self._last_unet is None:
             return None
         try:
