@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import world
-from .models import SmallCNN
+from .models import SmallCNN, cosine_step
 
 ROLES = ("clip", "dino")
 
@@ -65,14 +65,10 @@ def train_encoder(role: str, size: int, steps: int, batch: int, pool: int, seed:
     local = (0.5, 1.0) if role == "clip" else (0.15, 0.35)
     enc.train()
     for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / steps)).item())
         x = images[torch.randint(pool, (batch,), generator=g)]
         v1, v2 = random_view(x, g, 0.5, 1.0), random_view(x, g, *local)
         loss = nt_xent(head(enc(v1)), head(enc(v2)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        cosine_step(opt, lr, step, steps, loss)
         if (step + 1) % max(1, steps // 5) == 0:
             log(f"{role} encoder: step {step + 1}/{steps} loss {loss.item():.3f}")
     return enc.eval().requires_grad_(False)

@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from . import world
-from .models import SmallCNN
+from .models import SmallCNN, cosine_step
 
 
 def degrade(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -45,13 +45,9 @@ def train_judge(kind: str, size: int, steps: int, batch: int, pool: int, seed: i
     g = torch.Generator().manual_seed(seed + 1)
     net.train()
     for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / steps)).item())
         idx = torch.randint(pool, (batch,), generator=g)
         loss = F.cross_entropy(net(degrade(images[idx], g)), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        cosine_step(opt, lr, step, steps, loss)
         if (step + 1) % max(1, steps // 5) == 0:
             log(f"{kind} judge: step {step + 1}/{steps} loss {loss.item():.3f}")
     return net.eval().requires_grad_(False)

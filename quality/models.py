@@ -98,3 +98,12 @@ class SmallCNN(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images * 2 - 1))
+
+
+def cosine_step(opt: torch.optim.Optimizer, lr: float, step: int, steps: int, loss: torch.Tensor) -> None:
+    """One optimiser step on `loss` at the cosine-decayed learning rate of `step` of `steps`."""
+    for group in opt.param_groups:
+        group["lr"] = lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / steps)).item())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
