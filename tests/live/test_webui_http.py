@@ -178,7 +178,7 @@ def test_merge_is_the_hosts_own_weight_merge_where_the_host_owns_the_weights():
 
 # ----------------------------------------------------------------------------- API forms
 def test_named_dict_form_equals_tag_and_positional_forms(plain):
-    by_tag = txt2img(f"{PROMPT} <dynlora:{SUBJECT}:{STYLE}>")
+    by_tag = txt2img(f"{PROMPT} <dynlora:{SUBJECT}:{STYLE}:m=dynamic>")
     by_name = txt2img(fuse=named(enabled=True, subject=SUBJECT, style=STYLE, method="dynamic"))
     by_position = txt2img(fuse=[True, SUBJECT, STYLE, 1.0, 1.0, "dynamic"])
     assert by_name.messages() == []
@@ -321,7 +321,7 @@ GUIDED = dict(enabled=True, subject=SUBJECT, style=STYLE, guidance=True, referen
 def test_guidance_by_the_tag_alone_equals_guidance_by_api_args():
     """`<dynlora:...:g=1>` with no script args turns guidance on: references, corrections, the same pixels as the
     API's fields (the references of the second request come from the cache)."""
-    tag = guided_txt2img(f"{PROMPT} <dynlora:{SUBJECT}:{STYLE}:g=1:refsteps=1>", seed=4242)
+    tag = guided_txt2img(f"{PROMPT} <dynlora:{SUBJECT}:{STYLE}:m=dynamic:g=1:refsteps=1>", seed=4242)
     require_guidance(tag)
     assert "DynFuse guidance" in tag.params, tag.params
     assert "guidance: True" in tag.params[INFOTEXT_KEY]

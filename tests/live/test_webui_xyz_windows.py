@@ -95,5 +95,5 @@ def test_a_style_window_changes_the_image_and_an_empty_one_is_the_subject_alone(
 
 def test_windows_by_the_tag_equal_windows_by_the_api():
     by_api = txt2img(fuse=named(subject=SUBJECT, style=STYLE, subject_end=0.5, style_start=0.25), steps=4)
-    by_tag = txt2img(f"{PROMPT} <dynlora:{SUBJECT}:{STYLE}:ce=0.5:ss=0.25>", steps=4)
+    by_tag = txt2img(f"{PROMPT} <dynlora:{SUBJECT}:{STYLE}:m=dynamic:ce=0.5:ss=0.25>", steps=4)
     assert_same(by_api.image, by_tag.image, "windows by the tag vs the API")
