@@ -43,7 +43,8 @@ import torch
 
 from .guidance import conversions as cv
 from .guidance.step import GuidedStep, apply_move, skipped_steps
-from .session import FuseSession, fuse
+from .fuse_model import fuse
+from .session import FuseSession
 
 SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
              "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")

@@ -31,8 +31,6 @@ recomputes the attention with each part fused by the same rule; records and K-Lo
 """
 from __future__ import annotations
 
-import dataclasses
-
 import functools
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
@@ -43,44 +41,11 @@ from .baked import target_mode
 from .layer_delta import FuseTarget
 from .lowrank import channel_dim
 from .record import LABELS, SelectionRecord
+from .session_options import FULL_WINDOW, METHODS, TE_MODES, balanced_targets, check_choice, check_targets, \
+    check_window, in_window, partner_order
 from .selection import CRITERIA, KLORA_SCALES, branch_outputs, branch_scores, choose_subject, kept_branch, \
     klora_schedule, klora_switch_progress
 from .selection import klora_scale as scale_at
-
-METHODS = ("dynamic", "klora", "merge", "blend")
-TE_MODES = ("select", "merge", "off")
-FULL_WINDOW = (0.0, 1.0)
-
-
-def check_window(name: str, window) -> Tuple[float, float]:
-    """(start, end) with 0 <= start <= end <= 1: the fraction of denoising in which a LoRA acts."""
-    try:
-        start, end = (float(v) for v in window)
-    except (TypeError, ValueError):
-        raise ValueError(f"DynFuse: {name} must be (start, end) fractions of denoising, got {window!r}") from None
-    if not 0.0 <= start <= end <= 1.0:
-        raise ValueError(f"DynFuse: {name} needs 0 <= start <= end <= 1, got {window!r}")
-    return start, end
-
-
-def in_window(window: Tuple[float, float], progress: float) -> bool:
-    """start <= p < end (an end of 1 keeps the last step), with a margin for the rounding of step/total."""
-    start, end = window
-    return start - 1e-9 <= progress < end - 1e-9 or end >= 1.0 and progress >= start - 1e-9
-
-
-def balanced_targets(targets: Sequence[FuseTarget], balance: float) -> List[FuseTarget]:
-    """`merge` at balance b: every subject delta times min(1, 2(1 - b)), every style delta times min(1, 2b)."""
-    c, s = blend.merge_scales(balance)
-    if (c, s) == (1.0, 1.0):
-        return list(targets)
-    return [dataclasses.replace(t, subject=t.subject.with_weight(c) if t.subject is not None else None,
-                                style=t.style.with_weight(s) if t.style is not None else None) for t in targets]
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"DynFuse: {name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 class FuseSession:
@@ -92,26 +57,11 @@ class FuseSession:
                  weight_space: bool = False, backup_device="cpu", tie_rows: bool = False,
                  subject_window: Tuple[float, float] = FULL_WINDOW, style_window: Tuple[float, float] = FULL_WINDOW,
                  sharpness: float = 1.0, balance: float = 0.5, per_token: bool = False):
-        _check_choice("method", method, METHODS)
-        _check_choice("criterion", criterion, CRITERIA)
-        _check_choice("klora_scale", klora_scale, KLORA_SCALES)
-        _check_choice("te_mode", te_mode, TE_MODES)
-        self.targets: List[FuseTarget] = list(targets)
-        for t in self.targets:
-            if t.subject is None and t.style is None:
-                raise ValueError(f"DynFuse: target {t.name!r} has neither a subject nor a style delta")
-            if t.group not in ("unet", "te"):
-                raise ValueError(f"DynFuse: target {t.name!r} has group {t.group!r}; expected 'unet' or 'te'")
-        # --- MultiheadAttention parts: one module, several targets (one per part)
-        for t in self.targets:
-            if t.part is not None:
-                problem = mha.unsupported(t.module) if isinstance(t.module, torch.nn.MultiheadAttention) else \
-                    f"part {t.part!r} on a {type(t.module).__name__}, not a MultiheadAttention"
-                problem = problem or ("" if t.part in mha.PARTS else f"unknown part {t.part!r}")
-                if problem:
-                    raise ValueError(f"DynFuse: target {t.name!r} cannot be fused: {problem}")
-        if len({(id(t.module), t.part) for t in self.targets}) != len(self.targets):
-            raise ValueError("DynFuse: two targets share one module; give each layer one FuseTarget")
+        check_choice("method", method, METHODS)
+        check_choice("criterion", criterion, CRITERIA)
+        check_choice("klora_scale", klora_scale, KLORA_SCALES)
+        check_choice("te_mode", te_mode, TE_MODES)
+        self.targets: List[FuseTarget] = check_targets(targets)
         self.method, self.criterion, self.te_mode = method, criterion, te_mode
         self.tie_rows = bool(tie_rows)
         if not sharpness >= 0.0:
@@ -244,19 +194,13 @@ class FuseSession:
         self._labels = labels
 
     def _partner_rows(self, rows: int, device) -> Optional[torch.Tensor]:
-        """tie_rows: per row the index of the row it chooses with (the k-th cond row with the k-th uncond row,
-        itself when unpaired), built once per labels and device; None when no row has a partner."""
+        """tie_rows: `partner_order` of the rows' labels as an index tensor, built once per labels and device."""
         labels = tuple(self._row_labels(rows))
         key = (labels, device)
         if key not in self._partners:
-            cond = [i for i, lab in enumerate(labels) if lab == "cond"]
-            uncond = [i for i, lab in enumerate(labels) if lab == "uncond"]
-            partner = list(range(rows))
-            for c, u in zip(cond, uncond):
-                partner[c], partner[u] = u, c
+            partner = partner_order(labels)
             with torch.inference_mode(False):
-                self._partners[key] = (torch.tensor(partner, device=device)
-                                       if partner != list(range(rows)) else None)
+                self._partners[key] = torch.tensor(partner, device=device) if partner is not None else None
         return self._partners[key]
 
     def _row_labels(self, rows: int) -> List[str]:
@@ -469,33 +413,3 @@ class FuseSession:
         """y + the deltas of `form` for input x."""
         return branches.plus_deltas(self._prepared(index, form, module, x), x, module, y)
 
-
-def fuse(model: torch.nn.Module, subject, style, method: str = "merge", criterion: str = "kl", name_map=None,
-         text_encoders=None, **session_kwargs) -> FuseSession:
-    """Resolve two `LoraFile`s (or paths, read at weight 1) onto `model` (targets.py) and return an unopened
-    FuseSession (use it with `with`).
-
-    method: "merge" (default: it kept both subject and style most often in the quality lab, see quality/README.md),
-    "dynamic" (Eq. 9-13 with `criterion`), "klora" or "blend".
-    session_kwargs: balance (merge and blend), sharpness and per_token (blend), klora_alpha, klora_beta, klora_scale,
-    te_mode, record, tie_rows, subject_window, style_window,
-    weight_space (while open, every delta
-    that does not depend on the input is baked into the weights: merge, K-LoRA's pick, layers one LoRA touches;
-    see baked.py), backup_device. K-LoRA's weight statistics are
-    cached by the files' sha256 and weights. The resolve report is kept as `session.resolved` (its
-    `warnings` list partial matches; they are also logged and issued as `LoraMatchWarning`s).
-    """
-    if not isinstance(model, torch.nn.Module):
-        hint = ("for a diffusers pipeline use fuse_pipeline(pipe, ...) (steps and cond/uncond rows wired) or "
-                "fuse(pipe.unet, ...)") if hasattr(model, "unet") else "give the torch model whose layers the LoRAs change"
-        raise TypeError(f"DynFuse: fuse() takes a torch.nn.Module, got a {type(model).__name__}; {hint}")
-    from .targets import as_lora_file, resolve_targets
-    subject, style = as_lora_file(subject, "subject"), as_lora_file(style, "style")
-    resolved = resolve_targets(model, subject, style, name_map=name_map, text_encoders=text_encoders)
-    key = None
-    if getattr(subject, "sha256", None) and getattr(style, "sha256", None):
-        key = (subject.sha256, float(getattr(subject, "weight", 1.0)), style.sha256, float(getattr(style, "weight", 1.0)))
-    session_kwargs.setdefault("klora_key", key)
-    session = FuseSession(resolved.targets, method=method, criterion=criterion, **session_kwargs)
-    session.resolved = resolved
-    return session
