@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lib_dynfuse.layer_delta import FuseTarget, LayerDelta
 from lib_dynfuse.session import FuseSession
-from test_session import _klora_targets, _linear, _linear_delta, _x
+from session_fixtures import _klora_targets, _linear, _linear_delta, _x
 
 
 def _dense(delta: LayerDelta) -> torch.Tensor:

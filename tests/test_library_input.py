@@ -15,7 +15,7 @@ from lib_dynfuse.targets import LoraMatchWarning
 from tests.fixtures.lora_files import write_kohya_lora
 from tests.fixtures.models import unet_forward, unet_inputs
 
-from test_session import _linear, _linear_delta, _x
+from session_fixtures import _linear, _linear_delta, _x
 
 TO_Q = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
 TO_V = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_v"
