@@ -78,6 +78,8 @@ class FuseSession:
         self._full_windows = all(w == FULL_WINDOW for w in self.windows.values())
         self.weight_space, self.backup_device = bool(weight_space), backup_device
         self._baked = None
+        self._baked_picks: List[Tuple[int, bool]] = []   # weight_space: the current step's recorded choices
+        self._baked_picks_from: Optional[str] = None      # "open", "step" or "call" (recorded with a call's rows)
         self.rewritten_layers: List[str] = []
         self.klora_alpha, self.klora_beta, self.klora_scale = float(klora_alpha), float(klora_beta), klora_scale
         if method == "klora":
@@ -122,7 +124,7 @@ class FuseSession:
             if self.weight_space:
                 from .baked import BakedWeights
                 self._baked = BakedWeights(self.targets, self.backup_device)
-                self._bake_step()
+                self._bake_step("open")
             mha_parts: Dict[int, Dict[str, int]] = {}
             for i, t in enumerate(self.targets):
                 if self._mode(t) == "off" or self._is_baked(t):
@@ -144,6 +146,8 @@ class FuseSession:
     def close(self) -> None:
         """Remove every hook and restore every baked weight; idempotent, and safe to call from `finally`."""
         handles, self._handles = self._handles, []
+        if self._baked is not None:
+            self._flush_baked_record(closing=True)
         baked, self._baked = self._baked, None
         first_error = None
         if baked is not None:
@@ -176,9 +180,11 @@ class FuseSession:
         step, total = int(step), int(total)
         if total < 1 or not 0 <= step < total:
             raise ValueError(f"DynFuse: set_step needs 0 <= step < total, got step={step}, total={total}")
+        if self._baked is not None:
+            self._flush_baked_record()
         self._step, self._total = step, total
         if self._baked is not None:
-            self._bake_step()
+            self._bake_step("step")
 
     @property
     def progress(self) -> float:
@@ -192,6 +198,10 @@ class FuseSession:
             if bad:
                 raise ValueError(f"DynFuse: row labels must be 'cond' or 'uncond', got {bad[0]!r}")
         self._labels = labels
+        if self._baked_picks:   # weight_space: a call runs with this step's baked choices, on these rows
+            for index, subject in self._baked_picks:
+                self._record_all(index, subject, labels or ["cond"])
+            self._baked_picks_from = "call"
 
     def _partner_rows(self, rows: int, device) -> Optional[torch.Tensor]:
         """tie_rows: `partner_order` of the rows' labels as an index tensor, built once per labels and device."""
@@ -237,8 +247,12 @@ class FuseSession:
         return klora_switch_progress(s.top_c, s.top_s, s.gamma, self.klora_alpha, self.klora_beta)
 
     # ------------------------------------------------------------------ weight space (merge, klora)
-    def _bake_step(self) -> None:
-        """Bake every target's deltas for the current step (K-LoRA re-bakes only the layers whose pick changed)."""
+    def _bake_step(self, origin: str) -> None:
+        """Bake every target's deltas for the current step (K-LoRA re-bakes only the layers whose pick changed).
+        The choices are recorded per call that runs with them (`set_row_labels`, with that call's rows), or once as
+        cond when no call was labelled; the bake made on `open`, before the caller's first `set_step`, is not a
+        step of the generation unless no `set_step` follows (`_flush_baked_record`)."""
+        picks: List[Tuple[int, bool]] = []
         from .baked import baked_deltas
         for i, t in enumerate(self.targets):
             if not self._is_baked(t):
@@ -248,15 +262,23 @@ class FuseSession:
             if not (active_c and active_s):   # a step window leaves one LoRA or none
                 deltas = [t.subject] if active_c else [t.style] if active_s else []
                 if t.is_shared and (active_c or active_s) and mode == "select":
-                    self._record_all(i, active_c, self._labels or ["cond"])
+                    picks.append((i, active_c))
                 self._baked.bake(i, deltas)
                 continue
             keep_subject = None
             if t.is_shared and mode == "select":
                 keep_subject = self._klora_pick(i, t)
-                # one decision per step for every row (no calls are seen in weight space)
-                self._record_all(i, keep_subject, self._labels or ["cond"])
+                picks.append((i, keep_subject))   # one decision per step for every row of every call
             self._baked.bake(i, baked_deltas(t, mode, keep_subject))
+        self._baked_picks, self._baked_picks_from = picks, origin
+
+    def _flush_baked_record(self, closing: bool = False) -> None:
+        """Record the step's baked choices once as cond if no call was labelled with them ("step"; the bake of
+        `open` only when closing, i.e. when no `set_step` replaced it), and forget them."""
+        if self._baked_picks and (self._baked_picks_from == "step" or closing and self._baked_picks_from == "open"):
+            for index, subject in self._baked_picks:
+                self._record_all(index, subject, ["cond"])
+        self._baked_picks, self._baked_picks_from = [], None
 
     def _active(self, target: FuseTarget) -> Tuple[bool, bool]:
         """Whether the target's subject and style act at this step: a UNet layer's LoRA within its window, a text

@@ -99,3 +99,26 @@ def test_heatmap_is_saved_beside_the_image_when_the_host_saves_images(env, tmp_p
     count = len(images.saved)
     run(env, **fused(heatmap=True))                       # the host saves nothing: nor does DynFuse
     assert len(images.saved) == count
+
+
+@pytest.mark.parametrize("img2img", [False, True])
+def test_a_baked_klora_records_the_steps_that_ran_with_both_rows(env, img2img):
+    """K-LoRA is baked into the weights in AUTOMATIC1111: its record holds the steps the pass ran, cond and uncond
+    rows alike, and not the bake made when the session opened (seen in the real WebUI as a step 0 in an img2img
+    heat-map that starts at step 4, and as no uncond row at step 0)."""
+    env.shared.opts.img2img_fix_steps = True
+    try:
+        fields = env.ui_values(**fused(method="klora"))
+        if img2img:
+            init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+            p, _ = env.img2img(fields, init_latent=init, prompt=PROMPT, steps=4, denoising_strength=0.5)
+        else:
+            p, _ = env.txt2img(fields, prompt=PROMPT, steps=4)
+    finally:
+        env.shared.opts.img2img_fix_steps = False
+    session = next(s for s in _sessions(p) if s.record is not None)
+    assert session.weight_space
+    first = 4 if img2img else 0                      # img2img_fix_steps: 4 steps at 0.5 are steps 4-7 of 8
+    for rows in (session.record.cond, session.record.uncond):
+        ran = rows.isfinite().all(dim=1)
+        assert ran.tolist() == [i >= first for i in range(first + 4)], rows

@@ -189,6 +189,7 @@ def test_a_weight_rewritten_by_another_component_is_left_as_it_set_it():
         with torch.no_grad():
             lin2.weight.copy_(their_state)
         session.set_step(9, 10)                  # a re-bake starts from the rewritten weight
+        session.set_row_labels(["cond"])         # a call runs with step 9's choices: recorded
         keep_subject = bool(session.selection[9, 0])
         chosen = klora[0].subject if keep_subject else klora[0].style
         assert torch.equal(lin2.weight, their_state + _dense(chosen))
@@ -210,3 +211,19 @@ def test_constant_deltas_are_those_no_input_or_step_can_change():
     assert constant_deltas(shared, "merge") == [c, s] and constant_deltas(te_shared, "merge", "select") == [c, s]
     for method in ("dynamic", "klora"):
         assert constant_deltas(shared, method) is None and constant_deltas(te_shared, method, "select") is None
+
+
+def test_baked_choices_are_recorded_for_the_calls_that_ran_with_them():
+    """weight_space K-LoRA: a step's choices are recorded with each labelled call's rows, once as cond when no call
+    was labelled; the bake made on open is a step only when no set_step replaces it."""
+    targets = _klora_targets()
+    with FuseSession(targets, method="klora", weight_space=True) as session:
+        session.set_step(2, 4)                              # the open-time bake at step 0 is not recorded
+        session.set_row_labels(["cond", "uncond"])
+        session.set_step(3, 4)                              # no call labelled: recorded once, as cond
+    cond, uncond = session.record.cond, session.record.uncond
+    assert cond.isfinite().all(dim=1).tolist() == [False, False, True, True]
+    assert uncond.isfinite().all(dim=1).tolist() == [False, False, True, False]
+    with FuseSession(targets, method="klora", weight_space=True) as only_open:
+        pass                                                # no set_step at all: the open-time bake is step 0
+    assert only_open.record.cond.isfinite().all(dim=1).tolist() == [True]
