@@ -31,9 +31,12 @@ class Script(scripts.Script):
     def ui(self, is_img2img):
         import gradio as gr
         from modules.ui_components import InputAccordion
+        from modules import shared
         tab = "img2img" if is_img2img else "txt2img"
+        method = dynfuse_ui.saved_value(getattr(shared.cmd_opts, "ui_config_file", None),
+                                        os.path.basename(getattr(self, "filename", None) or __file__), tab, "method")
         controls = dynfuse_ui.build(gr, InputAccordion, tab, HOST.lora_names, HOST.refresh_loras,
-                                    tooltip_kw=getattr(HOST, "gradio_tooltips", False))
+                                    tooltip_kw=getattr(HOST, "gradio_tooltips", False), method=method)
         self.infotext_fields = dynfuse_ui.infotext_fields(controls)
         self.paste_field_names = list(dynfuse_ui.PASTE_FIELD_NAMES)
         return controls

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lib_dynfuse.args import FuseArgs
 from tests.fixtures import lora_files, models
 from tests.standins.env import HostEnv, hooks_left, images_equal
 
@@ -417,3 +418,19 @@ def test_merge_and_klora_are_baked_into_the_weights_on_top_of_other_loras(env, p
     assert torch.equal(p_other.samples[0], p_other_again.samples[0])
     p_plain, _ = run(env)
     assert torch.equal(p_plain.samples[0], plain[0].samples[0])
+
+
+def test_the_accordion_starts_with_the_method_the_ui_config_gives_it(env, tmp_path):
+    """modules/ui_loadsave.py sets the Method radio from ui-config.json (cmd_args.py --ui-config-file) after ui()
+    returns: ui() reads the same key, so a saved `dynamic` shows the criterion and hides merge's balance."""
+    import gradio  # the stand-in (tests/standins/gradio.py)
+    config = tmp_path / "ui-config.json"
+    config.write_text('{"customscript/dynfuse.py/txt2img/Method/value": "dynamic"}')
+    env.shared.cmd_opts.ui_config_file = str(config)
+    try:
+        with gradio.Blocks():
+            controls = dict(zip(FuseArgs.field_names(), env.script.ui(False)))
+    finally:
+        del env.shared.cmd_opts.ui_config_file
+    assert controls["criterion"].kwargs.get("visible", True) is not False
+    assert controls["balance"].kwargs.get("visible") is False

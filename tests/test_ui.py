@@ -162,3 +162,26 @@ def test_the_guidance_checkbox_does_not_repeat_its_header(gr):
     words = {w.strip("(),.") for w in label.split()} & {w.strip("(),.") for w in header.split()}
     assert label not in header and header.split("(")[0].strip() not in label
     assert not words & {"latent", "refinement", "clip/dino", "guidance"}, words
+
+
+def test_the_method_the_page_starts_with_sets_what_shows(gr, tmp_path):
+    """The WebUI's ui-config.json keeps the default of the version that wrote it and sets the radio to it after
+    the controls exist, with no change event: the dependent controls must start right for that method."""
+    config = tmp_path / "ui-config.json"
+    config.write_text(json.dumps({"customscript/dynfuse.py/txt2img/Method/value": "dynamic",
+                                  "customscript/dynfuse.py/img2img/Method/value": "klora"}))
+    assert ui.saved_value(str(config), "dynfuse.py", "txt2img", "method") == "dynamic"
+    assert ui.saved_value(str(config), "dynfuse.py", "img2img", "method") == "klora"
+    assert ui.saved_value(str(config), "other.py", "txt2img", "method") is None
+    assert ui.saved_value(str(tmp_path / "missing.json"), "dynfuse.py", "txt2img", "method") is None
+    (tmp_path / "bad.json").write_text("{not json")
+    assert ui.saved_value(str(tmp_path / "bad.json"), "dynfuse.py", "txt2img", "method") is None
+    assert ui.saved_value(None, "dynfuse.py", "txt2img", "method") is None
+    for method in (*METHODS, None, "gone"):
+        with gr.Blocks():
+            controls = dict(zip(FuseArgs.field_names(), ui.build(gr, accordion_class(gr), "txt2img", list, list,
+                                                                 method=method)))
+        start = method if method in METHODS else FuseArgs().method
+        for name in ui.method_dependent():
+            shown = controls[name].kwargs.get("visible", True) is not False
+            assert shown == (start in {f.name: f for f in fields(FuseArgs)}[name].metadata["methods"]), (method, name)

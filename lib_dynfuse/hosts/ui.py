@@ -53,18 +53,35 @@ def sections() -> List[Tuple[str, List[str]]]:
     return [(s, by_section[s]) for s in order]
 
 
+def saved_value(config_file: Optional[str], script_file: str, tab: str, name: str) -> Optional[Any]:
+    """The value the WebUI will give the control of field `name` at start from its ui-config.json (key
+    `customscript/<script file>/<tab>/<label>/value`, modules/ui_loadsave.py add_component), or None."""
+    if not config_file:
+        return None
+    label = {f.name: f for f in fields(FuseArgs)}[name].metadata["label"]
+    try:
+        with open(config_file, encoding="utf8") as f:
+            settings = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return settings.get(f"customscript/{script_file}/{tab}/{label}/value") if isinstance(settings, dict) else None
+
+
 def build(gr: Any, accordion_cls: Any, tab: str, lora_choices: Callable[[], List[str]],
-          refresh: Callable[[], List[str]], tooltip_kw: bool = False) -> List[Any]:
+          refresh: Callable[[], List[str]], tooltip_kw: bool = False, method: Optional[str] = None) -> List[Any]:
     """Create the controls and return them in FuseArgs field order (= the order of the positional API args).
 
     Layout: the main fields (no `section`) in field order, both LoRAs and both weights side by side, then one
     closed sub-accordion per section. A field with `methods` metadata shows only while one of those is picked.
     `accordion_cls` is the host's InputAccordion (a hidden checkbox that is the `enabled` value);
     `tooltip_kw`: the host's gradio accepts `tooltip=` (A1111's gradio_extensons.py IOComponent_init).
+    `method`: the method the page will show at start (`saved_value`: the WebUI's ui-config.json keeps the default
+    of the version that wrote it, and sets the radio to it after this returns, with no change event); the
+    controls that depend on the method start shown or hidden for it. The default method when None or unknown.
     """
     defaults = FuseArgs()
     by_name = {f.name: f for f in fields(FuseArgs)}
-    visible = shown_for(defaults.method)
+    visible = shown_for(method if method in by_name["method"].metadata["choices"] else defaults.method)
     controls: Dict[str, Any] = {}
     # "" = no LoRA picked: it must be a choice, or gradio 4 shows the first LoRA while the value stays empty
     choices = lora_dropdown_choices(lora_choices())
