@@ -121,7 +121,7 @@ class FuseArgs:
     subject_end: float = _window_bound("subject", "end")
     style_start: float = _window_bound("style", "start")
     style_end: float = _window_bound("style", "end")
-    balance: float = _f(0.5, label="Balance (subject <-> style)", axis="balance",
+    balance: float = _f(0.5, label="Balance (subject <-> style)",
                         tip="0.5: both LoRAs at their weights. Lower keeps more of the subject (the style's strength "
                             "falls to 0 at 0), higher more of the style (the subject's falls to 0 at 1).",
                         infotext="balance", aliases=("balance", "b"), minimum=0.0, maximum=1.0, step=0.05,
