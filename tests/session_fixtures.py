@@ -38,6 +38,15 @@ def _linear(seed=0, in_f=6, out_f=8):
     return torch.nn.Linear(in_f, out_f).eval()
 
 
+def _identity_linear(n=4):
+    """An n x n Linear with identity weight and zero bias: a layer whose output is its input."""
+    lin = _linear(0, n, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(n))
+        lin.bias.zero_()
+    return lin
+
+
 def _x(*shape, seed=1):
     return torch.randn(*shape, generator=_g(seed))
 

@@ -15,7 +15,8 @@ from lib_dynfuse.layer_delta import FuseTarget, LayerDelta
 from lib_dynfuse.record import SelectionRecord
 from lib_dynfuse.selection import klora_k, klora_schedule, topk_abs_sum
 from lib_dynfuse.session import FuseSession
-from session_fixtures import _conv_delta, _g, _klora_targets, _linear, _linear_delta, _near, _ref_delta, _x
+from session_fixtures import (_conv_delta, _g, _identity_linear, _klora_targets, _linear, _linear_delta, _near,
+                              _ref_delta, _x)
 
 
 # ----------------------------------------------------------------------------- outputs per method
@@ -49,10 +50,7 @@ def test_merge_adds_both_deltas():
 @pytest.mark.parametrize("criterion", ["kl", "js", "cosine", "dot"])
 def test_dynamic_picks_per_row(criterion):
     """Row 0: the subject flips the features, the style barely moves them; row 1 the other way round."""
-    lin = _linear(0, 4, 4)
-    with torch.no_grad():
-        lin.weight.copy_(torch.eye(4))
-        lin.bias.zero_()
+    lin = _identity_linear()
     big = LayerDelta(down=-3.0 * torch.eye(4), up=torch.eye(4))     # F -> -2F
     small = LayerDelta(down=0.01 * torch.eye(4), up=torch.eye(4).flip(0))
     x = torch.stack([_x(5, 4, seed=3), _x(5, 4, seed=4)])
@@ -76,10 +74,7 @@ def test_dynamic_picks_per_row(criterion):
 
 
 def test_dynamic_mixed_rows_in_one_batch():
-    lin = _linear(0, 4, 4)
-    with torch.no_grad():
-        lin.weight.copy_(torch.eye(4))
-        lin.bias.zero_()
+    lin = _identity_linear()
     # rows scaled so that one delta matters in row 0 only: dF_c = 5*x0-direction, dF_s = same map; inputs differ
     dc = LayerDelta(down=torch.diag(torch.tensor([4.0, 0, 0, 0])), up=torch.eye(4))
     ds = LayerDelta(down=torch.diag(torch.tensor([0, 0, 0, 4.0])), up=torch.eye(4))
@@ -357,10 +352,7 @@ def test_bad_arguments_are_clear_errors():
 
 # ----------------------------------------------------------------------------- record
 def test_record_averages_calls_and_keeps_labels_apart():
-    lin = _linear(0, 4, 4)
-    with torch.no_grad():
-        lin.weight.copy_(torch.eye(4))
-        lin.bias.zero_()
+    lin = _identity_linear()
     dc = LayerDelta(down=torch.diag(torch.tensor([4.0, 0, 0, 0])), up=torch.eye(4))
     ds = LayerDelta(down=torch.diag(torch.tensor([0, 0, 0, 4.0])), up=torch.eye(4))
     subj = torch.tensor([[[1.0, 0.1, 0.2, 0.0]]])

@@ -7,7 +7,7 @@ import torch
 
 from lib_dynfuse.layer_delta import FuseTarget, LayerDelta
 from lib_dynfuse.session import FuseSession
-from session_fixtures import _conv_delta, _g, _linear, _linear_delta, _near, _ref_delta, _x
+from session_fixtures import _conv_delta, _g, _identity_linear, _linear, _linear_delta, _near, _ref_delta, _x
 
 
 def test_klora_gamma_comes_from_the_unet_layers():
@@ -45,10 +45,7 @@ def test_channels_last_outputs_keep_their_layout(method):
 def test_tied_rows_choose_together_by_their_summed_scores():
     """tie_rows: the k-th cond row and the k-th uncond row (one image under CFG) keep one branch, the one their
     summed scores favour; unpaired rows choose alone; without tie_rows every row chooses for itself."""
-    lin = _linear(0, 4, 4)
-    with torch.no_grad():
-        lin.weight.copy_(torch.eye(4))
-        lin.bias.zero_()
+    lin = _identity_linear()
     dc = LayerDelta(down=torch.diag(torch.tensor([4.0, 0, 0, 0])), up=torch.eye(4))
     ds = LayerDelta(down=torch.diag(torch.tensor([0, 0, 0, 1.5])), up=torch.eye(4))
     strong_subject = torch.tensor([[[1.0, 0.1, 0.2, 0.0]]])     # the subject changes this row far more
@@ -109,10 +106,7 @@ def test_bad_step_windows_are_clear_errors():
 
 
 def test_blend_is_merge_at_sharpness_zero_and_the_hard_choice_when_sharp():
-    lin = _linear(0, 4, 4)
-    with torch.no_grad():
-        lin.weight.copy_(torch.eye(4))
-        lin.bias.zero_()
+    lin = _identity_linear()
     dc = LayerDelta(down=torch.diag(torch.tensor([4.0, 0, 0, 0])), up=torch.eye(4))
     ds = LayerDelta(down=torch.diag(torch.tensor([0, 0, 0, 2.0])), up=torch.eye(4))
     x = torch.tensor([[[1.0, 0.1, 0.2, 0.0]], [[0.0, 0.1, 0.2, 1.0]]])
