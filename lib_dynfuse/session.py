@@ -146,8 +146,6 @@ class FuseSession:
     def close(self) -> None:
         """Remove every hook and restore every baked weight; idempotent, and safe to call from `finally`."""
         handles, self._handles = self._handles, []
-        if self._baked is not None:
-            self._flush_baked_record(closing=True)
         baked, self._baked = self._baked, None
         first_error = None
         if baked is not None:
@@ -157,6 +155,7 @@ class FuseSession:
                 first_error = e
             # layers another component rewrote while baked (left as it set them): for the host to report
             self.rewritten_layers = list(dict.fromkeys(baked.rewritten))
+            self._flush_baked_record(closing=True)   # bookkeeping only, after the weights are back
         for h in handles:
             try:
                 h.remove()
